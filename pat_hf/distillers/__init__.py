@@ -1,0 +1,14 @@
+"""Distillers, each registered under its `--distiller` name."""
+
+from pat_hf.distillers import kd, pat, vanilla  # noqa: F401  (registration)
+from pat_hf.distillers.base import (
+    DISTILLERS,
+    DistillArguments,
+    DistillContext,
+    Distiller,
+    get_distiller_class,
+    register_distiller,
+)
+
+__all__ = ["DISTILLERS", "DistillArguments", "DistillContext", "Distiller", "get_distiller_class",
+           "register_distiller"]

@@ -1,0 +1,158 @@
+"""The distiller API: one module holding the student, the frozen teacher and the method's own modules.
+
+A distiller's `forward` is the whole training computation (student, teacher, extra modules, losses), so that
+the Trainer's prepared model (DDP, autocast) covers all of it. In evaluation mode it runs the student alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pat_hf.stages import StageLayer
+
+DISTILLERS: dict[str, type[Distiller]] = {}
+
+
+def register_distiller(name: str):
+    """Class decorator: make a distiller available as `--distiller NAME`."""
+
+    def decorator(cls: type[Distiller]) -> type[Distiller]:
+        if name in DISTILLERS:
+            raise ValueError(f"distiller {name!r} is registered twice")
+        cls.name = name
+        DISTILLERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_distiller_class(name: str) -> type[Distiller]:
+    try:
+        return DISTILLERS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown distiller {name!r}; choose one of {', '.join(sorted(DISTILLERS))}") from None
+
+
+@dataclass
+class DistillArguments:
+    """Hyper-parameters shared by every distiller (the reference's names)."""
+
+    distiller: str = field(default="ofa", metadata={"help": "distillation method: " + "|".join(
+        ["vanilla", "kd", "bkd", "dkd", "dist", "fitnet", "ofa", "pat", "crd", "rkd", "correlation"])})
+    gt_loss_weight: float = field(default=1.0, metadata={"help": "weight of the ground-truth (CE) term"})
+    kd_loss_weight: float = field(default=1.0, metadata={"help": "weight of the logit distillation term"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD term"})
+
+
+@dataclass(frozen=True)
+class DistillContext:
+    """What a distiller needs to know about the run besides its hyper-parameters."""
+
+    input_size: tuple[int, int, int]
+    num_classes: int
+    num_train_examples: int = 0
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+
+
+def hard_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices from hard or soft (mixup / smoothed) labels."""
+    return labels.argmax(dim=-1) if labels.ndim > 1 else labels
+
+
+class Distiller(nn.Module):
+    """Base class. Subclasses implement `forward_train`; `Arguments` names their own hyper-parameters."""
+
+    name: ClassVar[str] = ""
+    Arguments: ClassVar[type | None] = None
+    requires_stages: ClassVar[bool] = False
+    requires_teacher: ClassVar[bool] = True
+    # Keys of the batch, besides pixel_values and labels, that forward_train consumes (CRD's sample indices).
+    batch_keys: ClassVar[tuple[str, ...]] = ()
+    # Tells the Trainer that `forward` returns a per-batch mean loss it must not rescale.
+    accepts_loss_kwargs = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
+                 hparams: Any, context: DistillContext):
+        super().__init__()
+        if teacher is None and self.requires_teacher:
+            raise ValueError(f"--distiller {self.name} needs a teacher; pass --teacher NAME --teacher-pretrained FILE")
+        self.student = student
+        self.teacher = teacher
+        self.common = common
+        self.hparams = hparams
+        self.context = context
+        self.criterion = context.criterion
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.student_stages = StageLayer(student, context.input_size) if self.requires_stages else None
+        self.teacher_stages = StageLayer(teacher, context.input_size) if self.requires_stages and teacher else None
+        self.register_state_dict_post_hook(_drop_teacher_from_state_dict)
+        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
+
+    @classmethod
+    def from_reference_state(cls, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
+                             hparams: Any, context: DistillContext,
+                             reference_state: dict[str, torch.Tensor]) -> Distiller:
+        """Build a distiller whose modules fit a reference state (`extra.<name>.*` keys, reference naming).
+
+        Override where a module size is not derivable from the models alone (the reference hard-codes some
+        from its 224-pixel stage tables)."""
+        return cls(student, teacher, common, hparams, context)
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.training or labels is None:
+            return {"logits": self.student(pixel_values)}
+        logits, losses = self.forward_train(pixel_values, labels, **batch)
+        return {"loss": sum(losses.values()), "logits": logits, **losses}
+
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def gt_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.common.gt_loss_weight * self.criterion(logits, labels)
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(images)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """The distiller's own trainable modules by top-level name."""
+        return {name: module for name, module in self.named_children() if name not in ("student", "teacher")}
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.extra_modules().values() for p in module.parameters() if p.requires_grad]
+
+    def process_state_dict(self) -> dict[str, torch.Tensor]:
+        """State that lives per process and between steps (PAT's feedback); saved with every checkpoint."""
+        return {}
+
+    def load_process_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"--distiller {self.name} keeps no per-process state, got {sorted(state)}")
+
+
+def _drop_teacher_from_state_dict(module, state_dict, prefix, local_metadata):
+    # The frozen teacher comes from its own checkpoint; copying it into every training checkpoint wastes disk.
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_teacher_keys(module, incompatible_keys):
+    # Keys may carry a wrapper prefix ("module.teacher.x" under DDP).
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if "teacher" not in key.split(".")[:2]]

@@ -1,0 +1,1 @@
+"""Building blocks shared by the distillers: shape projectors, PAT's prompt blocks and region attention."""

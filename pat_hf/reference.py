@@ -1,0 +1,71 @@
+"""Reading the reference implementation's state: its distiller modules and its timm 0.6.5 model weights.
+
+The reference (SPEC) stores a distiller's own modules under its own names (`attention_blending.projector_s`,
+`fb_aligner.mlp_d`, ...). `convert_distiller_state` renames them onto ours, so a user holding a reference
+`checkpoint/` file, or a fixture in ../shared/golden, can load it into a pat-hf distiller.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from pat_hf.models import remap_legacy_keys
+
+# (pattern, replacement) pairs applied in order to the keys of each distiller's reference state.
+REFERENCE_RENAMES: dict[str, list[tuple[str, str]]] = {
+    "pat": [
+        (r"\.fb_aligner\.", ".feedback_aligner."),
+        (r"\.fusion_block\.", ".fusion."),
+        (r"\.prompt_block\.", ".prompt."),
+        (r"^attention_blending\.projector_s\.(\d+)\.projector\.proj\.", r"region_attention.projectors.\1.proj."),
+        (r"^attention_blending\.positional_encodings$", "region_attention.positional_encoding"),
+        (r"^attention_blending\.", "region_attention."),
+        (r"\.conv\.(\d)\.", r".proj.\1."),
+        (r"\.mlp_d\.", ".channel_proj."),
+        (r"\.mlp_l\.", ".token_proj."),
+    ],
+}
+
+# Our top-level module names -> the reference's, for reporting gradient norms by module.
+REFERENCE_MODULE_NAMES: dict[str, dict[str, str]] = {
+    "pat": {"region_attention": "attention_blending"},
+}
+
+
+def convert_distiller_state(distiller: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a reference distiller's own state (keys without the `extra.<distiller>.` prefix) onto ours."""
+    converted = {}
+    for key, value in state.items():
+        for pattern, replacement in REFERENCE_RENAMES.get(distiller, []):
+            key = re.sub(pattern, replacement, key)
+        converted[key] = value
+    return converted
+
+
+def split_prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def load_reference_model_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load timm 0.6.5 weights (fp16-stored fixtures are upcast) into a timm 1.x model, strictly."""
+    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    model.load_state_dict(remap_legacy_keys(model, state), strict=True)
+
+
+def load_reference_distiller_state(module: nn.Module, distiller: str, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a reference distiller's own modules into ours, strictly (the student and teacher excluded)."""
+    converted = convert_distiller_state(distiller, state)
+    extras = {name: child for name, child in module.named_children() if name not in ("student", "teacher")}
+    expected = {f"{name}.{key}" for name, child in extras.items() for key in child.state_dict()}
+    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
+    if missing or unexpected:
+        raise ValueError(f"reference {distiller} state does not fit: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, child in extras.items():
+        child_state = {key: value.to(child.state_dict()[key].dtype) for key, value in
+                       split_prefixed(converted, name + ".").items()}
+        child.load_state_dict(child_state, strict=True)

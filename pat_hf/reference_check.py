@@ -1,0 +1,153 @@
+"""Check a distiller against a fixture computed by the reference implementation.
+
+    python -m pat_hf.reference_check PATH/NAME.safetensors [--distiller NAME]
+
+Reads NAME.json beside the weights (models, kwargs, hyper-parameters in the reference's names, and what the
+reference computed), builds the pair, loads the converted reference state, runs two training-mode forwards
+and one backward exactly as the fixture's README describes, prints ours against the reference, and exits
+non-zero if a loss or logit sum differs by more than 1e-4 relative, or a gradient norm by more than 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
+from pat_hf.models import create_model
+from pat_hf.reference import (
+    REFERENCE_MODULE_NAMES,
+    load_reference_distiller_state,
+    load_reference_model_weights,
+    split_prefixed,
+)
+
+LOSS_TOLERANCE = 1e-4
+GRAD_TOLERANCE = 1e-3
+
+
+@dataclass
+class Comparison:
+    name: str
+    ours: float
+    reference: float
+    tolerance: float
+
+    @property
+    def relative_error(self) -> float:
+        return abs(self.ours - self.reference) / max(abs(self.reference), 1e-12)
+
+    @property
+    def ok(self) -> bool:
+        return self.relative_error <= self.tolerance
+
+
+def _hparams(distiller_cls: type[Distiller], reference_args: dict):
+    if distiller_cls.Arguments is None:
+        return None
+    names = {f.name for f in dataclasses.fields(distiller_cls.Arguments)}
+    return distiller_cls.Arguments(**{key: value for key, value in reference_args.items() if key in names})
+
+
+def build_distiller(fixture: dict, state: dict[str, torch.Tensor], distiller_name: str) -> Distiller:
+    num_classes, size = fixture["num_classes"], fixture["img_size"]
+    teacher = create_model(fixture["teacher"]["name"], num_classes, fixture["teacher"]["kwargs"])
+    student = create_model(fixture["student"]["name"], num_classes, fixture["student"]["kwargs"])
+    load_reference_model_weights(teacher, split_prefixed(state, "teacher."))
+    load_reference_model_weights(student, split_prefixed(state, "student."))
+    args = fixture["args"]
+    common_names = {f.name for f in dataclasses.fields(DistillArguments)}
+    common = DistillArguments(**{k: v for k, v in args.items() if k in common_names}, distiller=distiller_name)
+    distiller_cls = get_distiller_class(distiller_name)
+    extra_state = split_prefixed(state, f"extra.{distiller_name}.")
+    context = DistillContext(input_size=(3, size, size), num_classes=num_classes,
+                             criterion=F.cross_entropy)
+    hparams = _hparams(distiller_cls, args)
+    distiller = distiller_cls.from_reference_state(student, teacher, common, hparams, context, extra_state)
+    load_reference_distiller_state(distiller, distiller_name, extra_state)
+    return distiller
+
+
+def _grad_norm(parameters) -> float:
+    grads = [p.grad.detach().float() for p in parameters if p.grad is not None]
+    return float(torch.sqrt(sum((g**2).sum() for g in grads))) if grads else 0.0
+
+
+def run_check(fixture_path: Path, distiller_name: str) -> list[Comparison]:
+    fixture = json.loads(fixture_path.with_suffix(".json").read_text())
+    state = load_file(str(fixture_path))
+    recorded = fixture["distillers"][distiller_name]
+    distiller = build_distiller(fixture, state, distiller_name)
+    distiller.train()
+    images = [state["input.x1"].float(), state["input.x2"].float()]
+    labels = [state["input.y1"], state["input.y2"]]
+
+    comparisons = []
+    for step, (x, y) in enumerate(zip(images, labels), start=1):
+        out = distiller(x, y)
+        for key, value in recorded[f"step{step}"].items():
+            comparisons.append(Comparison(f"step{step}.{key}", float(out[key].detach()), value, LOSS_TOLERANCE))
+    logits = out["logits"].detach()
+    comparisons.append(Comparison("step2_logits_sum", float(logits.sum()), recorded["step2_logits_sum"],
+                                  LOSS_TOLERANCE))
+    comparisons.append(Comparison("step2_logits_abs_sum", float(logits.abs().sum()),
+                                  recorded["step2_logits_abs_sum"], LOSS_TOLERANCE))
+
+    distiller.zero_grad()
+    out["loss"].backward()
+    comparisons.append(Comparison("grad_norm_student", _grad_norm(distiller.student.parameters()),
+                                  recorded["grad_norm_student"], GRAD_TOLERANCE))
+    comparisons.append(Comparison("grad_norm_extra", _grad_norm(distiller.extra_parameters()),
+                                  recorded["grad_norm_extra"], GRAD_TOLERANCE))
+    renames = REFERENCE_MODULE_NAMES.get(distiller_name, {})
+    for name, module in distiller.extra_modules().items():
+        reference_name = renames.get(name, name)
+        comparisons.append(Comparison(f"grad_norm_extra.{reference_name}", _grad_norm(module.parameters()),
+                                      recorded["grad_norm_extra_by_module"][reference_name], GRAD_TOLERANCE))
+    extra_params = sum(p.numel() for p in distiller.extra_parameters())
+    comparisons.append(Comparison("extra_param_count", extra_params, recorded["extra_param_count"], 0.0))
+    return comparisons
+
+
+def recorded_distillers(fixture_path: Path) -> list[str]:
+    """The distillers a fixture pins (those the reference could run)."""
+    fixture = json.loads(fixture_path.with_suffix(".json").read_text())
+    return [name for name, record in fixture["distillers"].items() if "error" not in record]
+
+
+def format_table(pair: str, distiller: str, comparisons: list[Comparison]) -> str:
+    lines = [f"{pair} / {distiller}", f"  {'quantity':42s} {'ours':>16s} {'reference':>16s} {'rel. err':>9s}"]
+    for c in comparisons:
+        flag = "" if c.ok else "  <-- MISMATCH"
+        lines.append(f"  {c.name:42s} {c.ours:16.8g} {c.reference:16.8g} {c.relative_error:9.1e}{flag}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("fixture", type=Path, help="NAME.safetensors (NAME.json must lie beside it)")
+    parser.add_argument("--distiller", help="check this distiller only (default: every one the fixture records)")
+    args = parser.parse_args(argv)
+    if not args.fixture.is_file() or not args.fixture.with_suffix(".json").is_file():
+        parser.error(f"{args.fixture} and {args.fixture.with_suffix('.json')} must both exist")
+    torch.manual_seed(0)
+    names = [args.distiller] if args.distiller else recorded_distillers(args.fixture)
+    failed = False
+    for name in names:
+        comparisons = run_check(args.fixture, name)
+        print(format_table(args.fixture.stem, name, comparisons))
+        failed |= not all(c.ok for c in comparisons)
+    print("MISMATCH" if failed else "OK: every quantity within tolerance")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
