@@ -56,8 +56,13 @@ class DistillContext:
 
     input_size: tuple[int, int, int]
     num_classes: int
-    num_train_examples: int = 0
+    # Class index of every training example, in dataset order (CRD draws its negatives from it).
+    train_labels: torch.Tensor | None = None
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+
+    @property
+    def num_train_examples(self) -> int:
+        return 0 if self.train_labels is None else len(self.train_labels)
 
 
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
