@@ -1,0 +1,245 @@
+"""Command-line and YAML arguments: dataclasses parsed by `HfArgumentParser` with `TrainingArguments`.
+
+The reference's flag names work (`--batch-size`, `--lr`, `--epochs`, `--clip-grad`, ...) next to HF's own
+(`--output_dir`, `--logging_steps`, ...). `--config FILE.yaml` supplies defaults that flags override, and its
+keys are the reference's (`batch_size`, `lr`, `weight_decay`, ...) or ours; an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from pat_hf.distillers import DISTILLERS, DistillArguments, get_distiller_class
+
+
+def _help(text: str, *aliases: str) -> dict:
+    return {"help": text, "aliases": list(aliases)} if aliases else {"help": text}
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(default="resnet18", metadata=_help("student: a timm model name"))
+    teacher: str = field(default="deit_tiny_patch16_224", metadata=_help("teacher: a timm model name, '' for none"))
+    teacher_pretrained: str = field(default="", metadata=_help(
+        "teacher weights: a .safetensors file, a timm/OFA-KD .pth checkpoint, or hf-hub:NAME / local-dir:DIR"))
+    use_ema_teacher: bool = field(default=False, metadata=_help("take the EMA weights of a teacher checkpoint"))
+    num_classes: int | None = field(default=None, metadata=_help(
+        "number of classes (default: read from the dataset's label column)"))
+    img_size: int | None = field(default=None, metadata=_help("input size for both models (default: student's)"))
+    model_kwargs: str = field(default="{}", metadata=_help("JSON kwargs for the student's timm.create_model"))
+    teacher_kwargs: str = field(default="{}", metadata=_help("JSON kwargs for the teacher's timm.create_model"))
+    pretrained: bool = field(default=False, metadata=_help("start the student from timm's pretrained weights"))
+    initial_checkpoint: str = field(default="", metadata=_help("start the student from this checkpoint"))
+    drop: float = field(default=0.0, metadata=_help("student dropout rate before the classifier"))
+    drop_path: float | None = field(default=None, metadata=_help("student stochastic depth rate"))
+
+    def __post_init__(self):
+        self.model_kwargs = _json_dict(self.model_kwargs, "--model-kwargs")
+        self.teacher_kwargs = _json_dict(self.teacher_kwargs, "--teacher-kwargs")
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="digits", metadata=_help(
+        "digits (scikit-learn's, offline) | cifar100 | imagenet-1k | a local train/val image folder | "
+        "a save_to_disk directory | any Hub dataset name", "-d"))
+    data_dir: str | None = field(default=None, metadata=_help("root of a local dataset (imagefolder layout)"))
+    train_split: str = field(default="train", metadata=_help("training split name"))
+    val_split: str | None = field(default=None, metadata=_help(
+        "evaluation split (default: validation, or test for CIFAR-100 as the reference)"))
+    image_column: str | None = field(default=None, metadata=_help("image column (default: the dataset's)"))
+    label_column: str | None = field(default=None, metadata=_help("label column (default: the dataset's)"))
+    max_train_samples: int | None = field(default=None, metadata=_help("truncate the training set (debugging)"))
+    max_eval_samples: int | None = field(default=None, metadata=_help("truncate the evaluation set"))
+    validation_batch_size: int | None = field(default=None, metadata=_help(
+        "evaluation batch size per device (default: the training batch size)", "-vb"))
+    crop_pct: float | None = field(default=None, metadata=_help("evaluation center-crop fraction"))
+    mean: list[float] = field(default_factory=list, metadata=_help("normalisation mean (default: model's)"))
+    std: list[float] = field(default_factory=list, metadata=_help("normalisation std (default: model's)"))
+    interpolation: str = field(default="", metadata=_help("evaluation resize interpolation"))
+    train_interpolation: str = field(default="random", metadata=_help("training resize interpolation"))
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata=_help("random-resized-crop scale"))
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata=_help("random-resized-crop ratio"))
+    hflip: float = field(default=0.5, metadata=_help("horizontal flip probability"))
+    vflip: float = field(default=0.0, metadata=_help("vertical flip probability"))
+    color_jitter: float = field(default=0.4, metadata=_help("color jitter strength"))
+    aa: str | None = field(default=None, metadata=_help("auto-augment policy, e.g. rand-m9-mstd0.5-inc1"))
+    reprob: float = field(default=0.0, metadata=_help("random erasing probability"))
+    remode: str = field(default="pixel", metadata=_help("random erasing mode"))
+    recount: int = field(default=1, metadata=_help("random erasing count"))
+    mixup: float = field(default=0.0, metadata=_help("mixup alpha (0: off)"))
+    cutmix: float = field(default=0.0, metadata=_help("cutmix alpha (0: off)"))
+    mixup_prob: float = field(default=1.0, metadata=_help("probability of mixing a batch"))
+    mixup_switch_prob: float = field(default=0.5, metadata=_help("probability of cutmix when both are on"))
+    mixup_mode: str = field(default="batch", metadata=_help("batch | pair | elem"))
+    smoothing: float = field(default=0.1, metadata=_help("label smoothing"))
+
+
+@dataclass
+class RecipeArguments:
+    """The reference's recipe knobs that TrainingArguments has no field for."""
+
+    opt: str = field(default="sgd", metadata=_help("timm optimizer name (sgd is SGD with Nesterov momentum)"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    opt_eps: float | None = field(default=None, metadata=_help("optimizer epsilon"))
+    opt_betas: list[float] = field(default_factory=list, metadata=_help("optimizer betas"))
+    sched: str = field(default="cosine", metadata=_help("timm scheduler: cosine | step"))
+    warmup_epochs: int = field(default=3, metadata=_help("linear warmup epochs"))
+    warmup_lr: float = field(default=1e-4, metadata=_help("learning rate at the start of warmup"))
+    min_lr: float = field(default=1e-6, metadata=_help("lowest learning rate of the schedule"))
+    amp: bool = field(default=False, metadata=_help("mixed precision: fp16 on CUDA, bf16 on CPU"))
+    amp_dtype: str = field(default="float16", metadata=_help("float16 | bfloat16: the --amp type on CUDA"))
+    resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output_dir"))
+
+
+@dataclass
+class DistillTrainingArguments(TrainingArguments):
+    """TrainingArguments with the reference's names as aliases and its defaults."""
+
+    output_dir: str | None = field(default="output/train", metadata=_help("where everything is written",
+                                                                          "--output"))
+    learning_rate: float = field(default=0.05, metadata=_help("peak learning rate", "--lr"))
+    num_train_epochs: float = field(default=300, metadata=_help("training epochs", "--epochs"))
+    per_device_train_batch_size: int = field(default=128, metadata=_help("batch size per device",
+                                                                          "--batch-size", "-b"))
+    weight_decay: float = field(default=2e-5, metadata=_help("weight decay"))
+    max_grad_norm: float = field(default=0.0, metadata=_help("gradient clipping norm (0: none)", "--clip-grad"))
+    seed: int = field(default=42, metadata=_help("random seed"))
+    dataloader_num_workers: int = field(default=0, metadata=_help("data loading workers", "--workers", "-j"))
+    logging_steps: float = field(default=50, metadata=_help("log every N steps", "--log-interval"))
+    eval_strategy: str = field(default="epoch", metadata=_help("when to evaluate: no | steps | epoch"))
+    save_strategy: str = field(default="epoch", metadata=_help("when to checkpoint: no | steps | epoch"))
+    save_total_limit: int | None = field(default=2, metadata=_help("checkpoints kept", "--checkpoint-hist"))
+    report_to: str = field(default="tensorboard", metadata=_help("tensorboard | none | wandb | ..."))
+    remove_unused_columns: bool = field(default=False, metadata=_help("keep False: transforms need raw columns"))
+    dataloader_drop_last: bool = field(default=True, metadata=_help("drop the last incomplete training batch"))
+    push_to_hub: bool = field(default=False, metadata=_help("push OUTPUT_DIR/student (not checkpoints) to the Hub"))
+
+    def __post_init__(self):
+        # Our --push-to-hub publishes the exported student; the Trainer must not push training checkpoints.
+        self.push_student_to_hub = self.push_to_hub
+        self.push_to_hub = False
+        if self.label_names is None:
+            self.label_names = ["labels"]
+        super().__post_init__()
+
+
+@dataclass
+class RunArguments:
+    model: ModelArguments
+    data: DataArguments
+    recipe: RecipeArguments
+    distill: DistillArguments
+    hparams: Any
+    training: DistillTrainingArguments
+
+    def distiller_hyperparameters(self) -> dict[str, Any]:
+        shared = dataclasses.asdict(self.distill)
+        own = dataclasses.asdict(self.hparams) if self.hparams is not None else {}
+        return {**shared, **own}
+
+    def recipe_summary(self) -> dict[str, Any]:
+        t = self.training
+        return {"epochs": t.num_train_epochs, "batch_size": t.per_device_train_batch_size, "lr": t.learning_rate,
+                "weight_decay": t.weight_decay, "clip_grad": t.max_grad_norm or None, "seed": t.seed,
+                **dataclasses.asdict(self.recipe)}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every resolved value, YAML-serialisable (written to OUTPUT_DIR/args.yaml as the reference does)."""
+        sections = {"model": self.model, "data": self.data, "recipe": self.recipe, "distill": self.distill}
+        resolved = {name: dataclasses.asdict(section) for name, section in sections.items()}
+        resolved["distiller_hyperparameters"] = dataclasses.asdict(self.hparams) if self.hparams else {}
+        resolved["training"] = json.loads(self.training.to_json_string())
+        return resolved
+
+
+def _json_dict(value: Any, flag: str) -> dict:
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value or "{}")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"img_size\": 32}}': {error}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{flag} must be a JSON object, got {value!r}")
+    return parsed
+
+
+def _dataclass_types() -> list[type]:
+    hparam_types = [cls.Arguments for cls in DISTILLERS.values() if cls.Arguments is not None]
+    return [ModelArguments, DataArguments, RecipeArguments, DistillArguments, *hparam_types, DistillTrainingArguments]
+
+
+def _key_to_dest(types: list[type]) -> dict[str, str]:
+    """Every name a YAML key may use (field names, dashed names, aliases) -> the field it sets."""
+    names = {}
+    for dataclass_type in types:
+        for f in dataclasses.fields(dataclass_type):
+            if not f.init:
+                continue
+            names[f.name] = f.name
+            for alias in f.metadata.get("aliases", []):
+                if alias.startswith("--"):
+                    names[alias[2:].replace("-", "_")] = f.name
+    return names
+
+
+def read_config(path: str, types: list[type]) -> dict[str, Any]:
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value")
+    destinations = _key_to_dest(types)
+    defaults = {}
+    for key, value in config.items():
+        normalised = str(key).replace("-", "_")
+        if normalised not in destinations:
+            raise ValueError(f"unknown key {key!r} in {path}; run with --help for the accepted names")
+        defaults[destinations[normalised]] = value
+    return defaults
+
+
+def _set_mixed_precision(values: dict[str, Any]) -> None:
+    """--amp: fp16 (or --amp-dtype bfloat16) autocast on CUDA, bf16 autocast on the CPU."""
+    if values["amp_dtype"] not in ("float16", "bfloat16"):
+        raise ValueError(f"--amp-dtype must be float16 or bfloat16, got {values['amp_dtype']!r}")
+    on_cuda = torch.cuda.is_available() and not values["use_cpu"]
+    use_fp16 = on_cuda and values["amp_dtype"] == "float16"
+    values["fp16"], values["bf16"] = use_fp16, not use_fp16
+
+
+def parse_arguments(argv: list[str] | None = None) -> RunArguments:
+    """Parse flags over YAML defaults over built-in defaults, as the reference's train.py does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    types = _dataclass_types()
+    parser = HfArgumentParser(types)
+    parser.add_argument("-c", "--config", default="", help="YAML file of default values (reference keys)")
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path:
+        defaults = read_config(config_path, types)
+        if defaults.get("max_grad_norm", 0) is None:
+            defaults["max_grad_norm"] = 0.0
+        parser.set_defaults(**defaults)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    values = vars(namespace)
+    if values["amp"]:
+        _set_mixed_precision(values)
+    instances = [t(**{f.name: values[f.name] for f in dataclasses.fields(t) if f.init}) for t in types]
+    model, data, recipe, distill, *hparams, training = instances
+    distiller_cls = get_distiller_class(distill.distiller)
+    own = next((h for h in hparams if distiller_cls.Arguments is not None and isinstance(h, distiller_cls.Arguments)),
+               None)
+    return RunArguments(model, data, recipe, distill, own, training)

@@ -1,0 +1,136 @@
+"""Distil a timm teacher into a timm student with one of pat-hf's distillers.
+
+    accelerate launch run_distill.py --config configs/smoke.yaml --output_dir runs/smoke
+    accelerate launch run_distill.py --model deit_tiny_patch16_224 --teacher convnext_tiny \
+        --teacher-pretrained convnext_tiny_cifar100.pth --distiller pat --dataset cifar100 \
+        --config configs/cifar/vit_mlp.yaml --output_dir runs/convnext_deit_pat
+
+Every input is checked before anything is written; at the end OUTPUT_DIR/student holds the student alone in
+timm's Hub format (and on the Hub with --push-to-hub).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import datasets
+import torch
+import transformers
+import yaml
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from pat_hf.arguments import RunArguments, parse_arguments
+from pat_hf.data import (
+    attach_transform,
+    build_criterion,
+    build_mixup,
+    build_transforms,
+    class_names_of,
+    collate,
+    load_splits,
+    num_classes_of,
+    resolve_data_config_for,
+)
+from pat_hf.distillers import DistillContext, get_distiller_class
+from pat_hf.hub import ModelCardInfo, export_student, push_student
+from pat_hf.metrics import TopkMetrics, top_k_indices
+from pat_hf.models import create_model, create_teacher, load_weights
+from pat_hf.trainer import DistillationTrainer
+
+logger = logging.getLogger("pat_hf")
+
+
+def setup_logging(args: RunArguments) -> None:
+    level = args.training.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    for library in (transformers, datasets):
+        library.utils.logging.set_verbosity(level)
+
+
+def find_resume_checkpoint(args: RunArguments) -> str | None:
+    """--resume: the latest checkpoint in --output_dir. Without it, refuse to write over an earlier run."""
+    output_dir = args.training.output_dir
+    if args.training.resume_from_checkpoint:
+        return args.training.resume_from_checkpoint
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if args.recipe.resume:
+        if last is None:
+            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {output_dir}")
+        return last
+    if last is not None:
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue that run "
+                              f"or choose another --output_dir")
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_arguments(argv)
+    setup_logging(args)
+    set_seed(args.training.seed)
+    resume_from = find_resume_checkpoint(args)
+
+    train_set, eval_set, source = load_splits(args.data)
+    num_classes = args.model.num_classes or num_classes_of(train_set)
+    student_kwargs = {"drop_rate": args.model.drop, **args.model.model_kwargs}
+    if args.model.drop_path is not None:
+        student_kwargs["drop_path_rate"] = args.model.drop_path
+    student = create_model(args.model.model, num_classes, student_kwargs, pretrained=args.model.pretrained)
+    if args.model.initial_checkpoint:
+        load_weights(student, args.model.initial_checkpoint)
+    teacher = None
+    if args.model.teacher:
+        teacher = create_teacher(args.model.teacher, args.model.teacher_pretrained, num_classes,
+                                 args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher)
+
+    img_size = args.model.img_size or args.model.model_kwargs.get("img_size")
+    data_config = resolve_data_config_for(args.data, student, img_size, source)
+    batch_size = args.training.per_device_train_batch_size
+    mixup = build_mixup(args.data, num_classes, batch_size)
+    distiller_cls = get_distiller_class(args.distill.distiller)
+    context = DistillContext(input_size=tuple(data_config["input_size"]), num_classes=num_classes,
+                             train_labels=torch.tensor(train_set["label"]),
+                             criterion=build_criterion(args.data))
+    distiller = distiller_cls(student, teacher, args.distill, args.hparams, context)
+
+    train_transform, eval_transform = build_transforms(args.data, data_config)
+    train_set = attach_transform(train_set, train_transform, with_index="index" in distiller_cls.batch_keys)
+    eval_set = attach_transform(eval_set, eval_transform)
+    args.training.per_device_eval_batch_size = args.data.validation_batch_size or batch_size
+
+    trainer = DistillationTrainer(
+        model=distiller, args=args.training, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=collate, compute_metrics=TopkMetrics(), preprocess_logits_for_metrics=top_k_indices,
+        recipe=args.recipe, mixup_fn=mixup)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.training.output_dir, "args.yaml"), "w") as f:
+            yaml.safe_dump(args.as_dict(), f, sort_keys=False)
+
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_state()
+    trainer.log_metrics("train", train_result.metrics)
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+
+    if trainer.is_world_process_zero():
+        card = ModelCardInfo(
+            student=args.model.model, teacher=args.model.teacher, distiller=args.distill.distiller,
+            dataset=args.data.dataset, hyperparameters=args.distiller_hyperparameters(),
+            recipe=args.recipe_summary(), metrics={k: v for k, v in metrics.items() if k.startswith("eval_top")})
+        student_dir = export_student(
+            distiller.student, os.path.join(args.training.output_dir, "student"),
+            model_kwargs=args.model.model_kwargs, data_config=data_config,
+            class_names=class_names_of(train_set), card=card)
+        logger.info("exported the student to %s", student_dir)
+        if args.training.push_student_to_hub:
+            repo_id = args.training.hub_model_id or os.path.basename(os.path.normpath(args.training.output_dir))
+            logger.info("pushed the student: %s", push_student(student_dir, repo_id, args.training.hub_private_repo,
+                                                              args.training.hub_token))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
