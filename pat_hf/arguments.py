@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,12 @@ class DistillTrainingArguments(TrainingArguments):
         self.push_to_hub = False
         if self.label_names is None:
             self.label_names = ["labels"]
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Several processes and no GPU: without use_cpu accelerate falls back to one non-distributed
+                # process each; with it, they form a real gloo DDP group.
+                self.use_cpu = True
         super().__post_init__()
 
 

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-# Objects that timm 0.6.5 CheckpointSaver files (OFA-KD/PAT teachers) legitimately contain besides tensors.
-CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace, np.dtype, np.core.multiarray.scalar if hasattr(np, "core") else None,
-                           type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
-CHECKPOINT_SAFE_GLOBALS = [g for g in CHECKPOINT_SAFE_GLOBALS if g is not None]
+# Besides tensors and plain values, timm CheckpointSaver files (OFA-KD/PAT teachers) hold the run's argparse
+# Namespace under "args"; that is the only class we let `weights_only` loading build.
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
 STATE_DICT_KEYS = ("state_dict", "model", "module")
 EMA_STATE_DICT_KEYS = ("state_dict_ema", "model_ema")
 
@@ -64,8 +62,12 @@ def create_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None =
 
 
 def _torch_load(path: str) -> Any:
-    with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds objects other than weights, refused by safe loading; re-save its "
+                         f"state_dict alone (e.g. as .safetensors): {str(error).splitlines()[0]}") from None
 
 
 def read_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
@@ -126,12 +128,3 @@ def create_teacher(name: str, checkpoint: str, num_classes: int, kwargs: Mapping
         teacher = load_weights(create_model(name, num_classes, kwargs), checkpoint, use_ema)
     teacher.requires_grad_(False)
     return teacher.eval()
-
-
-@contextlib.contextmanager
-def offline_hub_errors(name: str):
-    try:
-        yield
-    except OSError as error:
-        raise OSError(f"cannot fetch {name} from the Hugging Face Hub ({error.__class__.__name__}); "
-                      f"go online or pass a local checkpoint path") from error

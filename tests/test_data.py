@@ -1,0 +1,95 @@
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pat_hf.arguments import DataArguments
+from pat_hf.data import (
+    attach_transform,
+    build_criterion,
+    build_mixup,
+    build_transforms,
+    collate,
+    load_digits_dataset,
+    load_splits,
+    num_classes_of,
+)
+
+DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+               "interpolation": "bilinear", "crop_pct": 1.0}
+
+
+def test_digits_split_is_stratified_and_deterministic():
+    splits = load_digits_dataset()
+    assert (len(splits["train"]), len(splits["validation"])) == (1437, 360)
+    assert splits["train"].features["label"].num_classes == 10
+    counts = np.bincount(splits["validation"]["label"], minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37
+    assert splits["train"][0]["image"].size == (8, 8)
+    assert load_digits_dataset()["train"]["label"][:20] == splits["train"]["label"][:20]
+
+
+def test_digits_pipeline_gives_rgb_tensors_and_labels():
+    train, _, _ = load_splits(DataArguments(dataset="digits", max_train_samples=6))
+    train_tf, _ = build_transforms(DataArguments(), DATA_CONFIG)
+    batch = collate([attach_transform(train, train_tf, with_index=True)[i] for i in range(6)])
+    assert batch["pixel_values"].shape == (6, 3, 32, 32)
+    assert batch["labels"].dtype == torch.long
+    assert batch["index"].tolist() == list(range(6))
+
+
+def _image_folder(root, mode: str):
+    colors = {"L": 128, "P": 3, "RGBA": (10, 20, 30, 40), "RGB": (1, 2, 3)}
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new(mode, (12, 10), colors[mode]).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA"])
+def test_gray_palette_and_rgba_images_become_rgb(tmp_path, mode):
+    _image_folder(tmp_path, mode)
+    train, evaluation, _ = load_splits(DataArguments(dataset=str(tmp_path)))
+    assert (len(train), len(evaluation), num_classes_of(train)) == (4, 4, 2)
+    _, eval_tf = build_transforms(DataArguments(), DATA_CONFIG)
+    item = attach_transform(evaluation, eval_tf)[0]
+    assert item["pixel_values"].shape == (3, 32, 32)
+
+
+def test_save_to_disk_directory_with_named_columns(tmp_path):
+    images = [Image.new("RGB", (8, 8), (i, i, i)) for i in range(4)]
+    split = datasets.Dataset.from_dict({"picture": images, "target": [0, 1, 2, 1]})
+    datasets.DatasetDict(train=split, test=split).save_to_disk(str(tmp_path / "saved"))
+    args = DataArguments(dataset=str(tmp_path / "saved"), image_column="picture", label_column="target")
+    train, evaluation, _ = load_splits(args)
+    assert train.column_names == ["image", "label"] and len(evaluation) == 4
+    assert num_classes_of(train) == 3
+
+
+def test_missing_column_is_named(tmp_path):
+    split = datasets.Dataset.from_dict({"picture": [Image.new("RGB", (8, 8))], "target": [0]})
+    datasets.DatasetDict(train=split, validation=split).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="no column 'img'.*columns: picture, target.*--image-column"):
+        load_splits(DataArguments(dataset=str(tmp_path / "saved"), image_column="img"))
+
+
+def test_hub_dataset_offline_fails_in_one_line():
+    with pytest.raises(ConnectionError, match="cannot load dataset 'uoft-cs/cifar100'.*go online") as error:
+        load_splits(DataArguments(dataset="cifar100"))
+    assert "\n" not in str(error.value)
+
+
+def test_odd_batch_with_mixup_is_refused():
+    with pytest.raises(ValueError, match="even batch size, got --batch-size 7"):
+        build_mixup(DataArguments(mixup=0.8), num_classes=10, batch_size=7)
+
+
+def test_criterion_follows_the_reference_rule():
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    assert isinstance(build_criterion(DataArguments(mixup=0.8)), SoftTargetCrossEntropy)
+    assert isinstance(build_criterion(DataArguments(smoothing=0.1)), LabelSmoothingCrossEntropy)
+    assert isinstance(build_criterion(DataArguments(smoothing=0.0)), torch.nn.CrossEntropyLoss)
