@@ -28,6 +28,7 @@ from pat_hf.stages import NUM_STAGES
 
 # The resolution of a standard last stage, relative to the input (7 at 224 pixels).
 LAST_STAGE_STRIDE = 32
+TOKEN_HEAD_ATTENTION_HEADS = 4
 
 
 @dataclass
@@ -59,9 +60,9 @@ class OFA(Distiller):
 
     def __init__(self, student, teacher, common, hparams: OFAArguments, context, head_width: int | None = None):
         super().__init__(student, teacher, common, hparams, context)
-        stages = sorted(set(hparams.ofa_stage))
-        if not stages or not set(stages) <= set(range(1, NUM_STAGES + 1)) or len(stages) != len(hparams.ofa_stage):
-            raise ValueError(f"--ofa-stage takes distinct stages 1-4, got {hparams.ofa_stage}")
+        stages = hparams.ofa_stage
+        if not stages or not set(stages) <= set(range(1, NUM_STAGES + 1)) or len(set(stages)) != len(stages):
+            raise ValueError(f"--ofa-stage takes distinct stages 1-4, got {stages}")
         if len(hparams.ofa_eps) not in (1, len(stages) + 1):
             raise ValueError(f"--ofa-eps needs 1 or {len(stages) + 1} values (one per stage and one for the "
                              f"logits), got {hparams.ofa_eps}")
@@ -70,6 +71,10 @@ class OFA(Distiller):
         if head_width is None:
             head_width = (max(student_stages.pooled_dim, self.teacher_stages.pooled_dim)
                           if not student_stages.is_sequence else student_stages.pooled_dim)
+        if student_stages.is_sequence and head_width % TOKEN_HEAD_ATTENTION_HEADS:
+            raise ValueError(f"--distiller ofa: the token branch heads are as wide as the student's pooled feature "
+                             f"({head_width}), which is not divisible by their {TOKEN_HEAD_ATTENTION_HEADS} "
+                             "attention heads")
         self.grids = {k: FeatureGrid.of(student_stages.stage_shapes[k - 1], context.input_size,
                                         student_stages.num_prefix_tokens) for k in hparams.ofa_stage}
         self.branch_heads = nn.ModuleDict({
@@ -82,7 +87,8 @@ class OFA(Distiller):
             return MapBranchHead(grid.channels, NUM_STAGES - stage, width, context.num_classes)
         last_side = max(1, min(context.input_size[-2:]) // LAST_STAGE_STRIDE)
         num_merges = max(int(math.log2(min(grid.size) / last_side)), 0)
-        return TokenBranchHead(grid.channels, num_merges, max(NUM_STAGES - stage, 1), width, context.num_classes)
+        return TokenBranchHead(grid.channels, num_merges, max(NUM_STAGES - stage, 1), width, context.num_classes,
+                               num_heads=TOKEN_HEAD_ATTENTION_HEADS)
 
     @classmethod
     def from_reference_state(cls, student, teacher, common, hparams, context, reference_state) -> OFA:
