@@ -15,7 +15,8 @@ def bkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
 
 @register_distiller("bkd")
 class BKD(Distiller):
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, **batch):
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
         teacher_logits = self.teacher_logits(images)
         return logits, {

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pat_hf.distillers.base import Distiller, register_distiller
+from pat_hf.distillers.base import DistillArguments, DistillContext, Distiller, register_distiller
 
 
 @dataclass
@@ -29,12 +29,14 @@ class Correlation(Distiller):
     Arguments = CorrelationArguments
     requires_stages = True
 
-    def __init__(self, student, teacher, common, hparams: CorrelationArguments, context):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
+                 hparams: CorrelationArguments, context: DistillContext):
         super().__init__(student, teacher, common, hparams, context)
         self.embed_student = nn.Linear(self.student_stages.pooled_dim, hparams.correlation_feat_dim)
         self.embed_teacher = nn.Linear(self.teacher_stages.pooled_dim, hparams.correlation_feat_dim)
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, **batch):
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if images.shape[0] < 2:
             raise ValueError("--distiller correlation pairs consecutive samples; it needs batches of at least 2")
         student = self.student_stages(images)

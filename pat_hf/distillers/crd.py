@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.distillers.base import Distiller, register_distiller
+from pat_hf.distillers.base import DistillArguments, DistillContext, Distiller, register_distiller
 from pat_hf.modules.contrast_memory import ContrastMemory
 from pat_hf.modules.negative_sampler import NegativeSampler
 
@@ -49,7 +49,8 @@ class CRD(Distiller):
     requires_stages = True
     batch_keys = ("index",)
 
-    def __init__(self, student, teacher, common, hparams: CRDArguments, context):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
+                 hparams: CRDArguments, context: DistillContext):
         if context.train_labels is None:
             raise ValueError("--distiller crd draws its negatives from the training labels, "
                              "but the DistillContext has no train_labels")
@@ -65,7 +66,7 @@ class CRD(Distiller):
                                      hparams.crd_momentum)
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
-                      **batch):
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if index is None:
             raise ValueError("--distiller crd needs the batch's 'index' (each example's position in the training set)")
         student = self.student_stages(images)
@@ -73,6 +74,7 @@ class CRD(Distiller):
             teacher = self.teacher_stages(images)
         student_embed = F.normalize(self.embed_student(student.pooled.flatten(1)), dim=1)
         teacher_embed = F.normalize(self.embed_teacher(teacher.pooled.flatten(1)), dim=1)
+        index = index.long()
         contrast_index = torch.cat([index.unsqueeze(1), self.negatives(index, self.num_negatives)], dim=1)
         student_scores, teacher_scores = self.memory(student_embed, teacher_embed, contrast_index)
         self.memory.update(index, student_embed, teacher_embed)

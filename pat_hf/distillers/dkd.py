@@ -48,7 +48,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
 class DKD(Distiller):
     Arguments = DKDArguments
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, **batch):
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
         teacher_logits = self.teacher_logits(images)
         hp = self.hparams

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.distillers.base import Distiller, register_distiller
+from pat_hf.distillers.base import DistillArguments, DistillContext, Distiller, register_distiller
 from pat_hf.distillers.kd import kd_loss
 from pat_hf.modules.feature_grid import FeatureGrid
 from pat_hf.modules.grid_aligner import GridAligner
@@ -35,7 +35,8 @@ class FitNet(Distiller):
     Arguments = FitNetArguments
     requires_stages = True
 
-    def __init__(self, student, teacher, common, hparams: FitNetArguments, context):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
+                 hparams: FitNetArguments, context: DistillContext):
         super().__init__(student, teacher, common, hparams, context)
         stages = hparams.fitnet_stages
         if not stages or not set(stages) <= set(range(1, NUM_STAGES + 1)) or len(set(stages)) != len(stages):
@@ -57,7 +58,8 @@ class FitNet(Distiller):
             raise ValueError(f"--distiller fitnet cannot match student stage {stage} to teacher stage {stage}: "
                              f"{error}") from None
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, **batch):
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = self.student_stages(images)
         with torch.no_grad():
             teacher = self.teacher_stages(images)

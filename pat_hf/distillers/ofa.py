@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.distillers.base import Distiller, hard_labels, register_distiller
+from pat_hf.distillers.base import DistillArguments, DistillContext, Distiller, hard_labels, register_distiller
 from pat_hf.modules.branch_heads import MapBranchHead, TokenBranchHead
 from pat_hf.modules.feature_grid import FeatureGrid
 from pat_hf.modules.projectors import init_weights
@@ -58,7 +58,8 @@ class OFA(Distiller):
     Arguments = OFAArguments
     requires_stages = True
 
-    def __init__(self, student, teacher, common, hparams: OFAArguments, context, head_width: int | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
+                 hparams: OFAArguments, context: DistillContext, head_width: int | None = None):
         super().__init__(student, teacher, common, hparams, context)
         stages = hparams.ofa_stage
         if not stages or not set(stages) <= set(range(1, NUM_STAGES + 1)) or len(set(stages)) != len(stages):
@@ -82,7 +83,7 @@ class OFA(Distiller):
         init_weights(self.branch_heads)
 
     @staticmethod
-    def _head(stage: int, grid: FeatureGrid, width: int, context) -> nn.Module:
+    def _head(stage: int, grid: FeatureGrid, width: int, context: DistillContext) -> nn.Module:
         if not grid.is_sequence:
             return MapBranchHead(grid.channels, NUM_STAGES - stage, width, context.num_classes)
         last_side = max(1, min(context.input_size[-2:]) // LAST_STAGE_STRIDE)
@@ -91,7 +92,9 @@ class OFA(Distiller):
                                num_heads=TOKEN_HEAD_ATTENTION_HEADS)
 
     @classmethod
-    def from_reference_state(cls, student, teacher, common, hparams, context, reference_state) -> OFA:
+    def from_reference_state(cls, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
+                             hparams: OFAArguments, context: DistillContext,
+                             reference_state: dict[str, torch.Tensor]) -> OFA:
         """The reference's heads are as wide as its stage tables say; read that width from their classifiers."""
         widths = {value.shape[1] for key, value in reference_state.items()
                   if re.fullmatch(r"projector\.\d+\.\d+\.weight", key) and value.ndim == 2}
@@ -99,7 +102,8 @@ class OFA(Distiller):
             raise ValueError(f"cannot read the OFA head width from the reference state (classifier widths {widths})")
         return cls(student, teacher, common, hparams, context, head_width=widths.pop())
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, **batch):
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = self.student_stages(images)
         teacher_logits = self.teacher_logits(images)
         target_mask = F.one_hot(hard_labels(labels), student.logits.shape[-1]).to(student.logits.dtype)

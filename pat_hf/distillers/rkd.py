@@ -52,7 +52,8 @@ class RKD(Distiller):
     Arguments = RKDArguments
     requires_stages = True
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, **batch):
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if images.shape[0] < 2:
             raise ValueError("--distiller rkd relates the samples of a batch; it needs batches of at least 2")
         student = self.student_stages(images)
