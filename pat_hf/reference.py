@@ -28,11 +28,32 @@ REFERENCE_RENAMES: dict[str, list[tuple[str, str]]] = {
         (r"\.mlp_d\.", ".channel_proj."),
         (r"\.mlp_l\.", ".token_proj."),
     ],
+    "ofa": [
+        # Map heads: `projector.<stage>.<block>.op.<layer>` separable downsampling blocks.
+        (r"^projector\.(\d+)\.(\d+)\.op\.0\.", r"branch_heads.\1.features.\2.downsample_dw."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.1\.", r"branch_heads.\1.features.\2.downsample_pw."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.2\.", r"branch_heads.\1.features.\2.downsample_bn."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.4\.", r"branch_heads.\1.features.\2.mix_dw."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.5\.", r"branch_heads.\1.features.\2.mix_pw."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.6\.", r"branch_heads.\1.features.\2.mix_bn."),
+        # Token heads: patch mergers inside a token-bypass wrapper, then ViT blocks.
+        (r"^projector\.(\d+)\.0\.fn\.", r"branch_heads.\1.downsample."),
+        (r"^projector\.(\d+)\.1\.(\d+)\.", r"branch_heads.\1.blocks.\2."),
+        # The last stage's map head starts with a 1x1 conv; every head ends with its classifier.
+        (r"^projector\.(\d+)\.0\.", r"branch_heads.\1.features.0."),
+        (r"^projector\.(\d+)\.\d+\.", r"branch_heads.\1.classifier."),
+    ],
+    "correlation": [
+        (r"^embed_s\.linear\.", "embed_student."),
+        (r"^embed_t\.linear\.", "embed_teacher."),
+    ],
 }
 
 # Our top-level module names -> the reference's, for reporting gradient norms by module.
 REFERENCE_MODULE_NAMES: dict[str, dict[str, str]] = {
     "pat": {"region_attention": "attention_blending"},
+    "ofa": {"branch_heads": "projector"},
+    "correlation": {"embed_student": "embed_s", "embed_teacher": "embed_t"},
 }
 
 

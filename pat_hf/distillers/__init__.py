@@ -1,6 +1,18 @@
 """Distillers, each registered under its `--distiller` name."""
 
-from pat_hf.distillers import kd, pat, vanilla  # noqa: F401  (registration)
+from pat_hf.distillers import (  # noqa: F401  (registration)
+    bkd,
+    correlation,
+    crd,
+    dist,
+    dkd,
+    fitnet,
+    kd,
+    ofa,
+    pat,
+    rkd,
+    vanilla,
+)
 from pat_hf.distillers.base import (
     DISTILLERS,
     DistillArguments,
