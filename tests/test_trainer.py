@@ -65,7 +65,7 @@ def test_teacher_stays_frozen_in_eval_mode_and_out_of_the_optimizer():
     assert all(p.grad is None for p in teacher.parameters())
     from pat_hf.trainer import DistillationTrainer
 
-    args = parse_arguments(["--output_dir", "/tmp/unused", "--report_to", "none", "--use_cpu"]).training
+    args = parse_arguments(["--output_dir", "/tmp/unused", "--report_to", "none", "--use_cpu", "--eval_strategy", "no"]).training
     trainer = DistillationTrainer(model=distiller, args=args)
     optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
     assert optimized == {id(p) for p in student.parameters()}
@@ -78,7 +78,7 @@ def test_weight_decay_skips_biases_and_norms():
     distiller = KD(student, create_model("test_resnet", 10), DistillArguments(distiller="kd"), None,
                    DistillContext((3, 32, 32), 10))
     args = parse_arguments(["--output_dir", "/tmp/unused", "--report_to", "none", "--use_cpu",
-                            "--weight-decay", "0.01"]).training
+                            "--weight-decay", "0.01", "--eval_strategy", "no"]).training
     groups = DistillationTrainer(model=distiller, args=args).create_optimizer().param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in student.named_parameters():
