@@ -65,7 +65,8 @@ def test_teacher_stays_frozen_in_eval_mode_and_out_of_the_optimizer():
     assert all(p.grad is None for p in teacher.parameters())
     from pat_hf.trainer import DistillationTrainer
 
-    args = parse_arguments(["--output_dir", "/tmp/unused", "--report_to", "none", "--use_cpu", "--eval_strategy", "no"]).training
+    args = parse_arguments(["--output_dir", "/tmp/unused", "--report_to", "none", "--use_cpu",
+                            "--eval_strategy", "no"]).training
     trainer = DistillationTrainer(model=distiller, args=args)
     optimized = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
     assert optimized == {id(p) for p in student.parameters()}

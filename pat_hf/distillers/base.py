@@ -151,6 +151,23 @@ class Distiller(nn.Module):
             raise ValueError(f"--distiller {self.name} keeps no per-process state, got {sorted(state)}")
 
 
+class LogitDistiller(Distiller):
+    """A distiller whose only teacher signal is its logits: CE + kd_loss_weight * `logit_loss`."""
+
+    def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.student(images)
+        teacher_logits = self.teacher_logits(images)
+        return logits, {
+            "loss_gt": self.gt_loss(logits, labels),
+            "loss_kd": self.common.kd_loss_weight * self.logit_loss(logits, teacher_logits, labels),
+        }
+
+
 def _drop_teacher_from_state_dict(module, state_dict, prefix, local_metadata):
     # The frozen teacher comes from its own checkpoint; copying it into every training checkpoint wastes disk.
     for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:

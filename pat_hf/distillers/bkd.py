@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pat_hf.distillers.base import Distiller, register_distiller
+from pat_hf.distillers.base import LogitDistiller, register_distiller
 
 
 def bkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -14,12 +14,7 @@ def bkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
 
 
 @register_distiller("bkd")
-class BKD(Distiller):
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
-                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.student(images)
-        teacher_logits = self.teacher_logits(images)
-        return logits, {
-            "loss_gt": self.gt_loss(logits, labels),
-            "loss_kd": self.common.kd_loss_weight * bkd_loss(logits, teacher_logits),
-        }
+class BKD(LogitDistiller):
+    def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+        return bkd_loss(student_logits, teacher_logits)

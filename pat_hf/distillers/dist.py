@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pat_hf.distillers.base import Distiller, register_distiller
+from pat_hf.distillers.base import LogitDistiller, register_distiller
 
 PEARSON_EPS = 1e-8
 
@@ -37,16 +37,10 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
 
 
 @register_distiller("dist")
-class DIST(Distiller):
+class DIST(LogitDistiller):
     Arguments = DISTArguments
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
-                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.student(images)
-        teacher_logits = self.teacher_logits(images)
+    def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
         hp = self.hparams
-        return logits, {
-            "loss_gt": self.gt_loss(logits, labels),
-            "loss_kd": self.common.kd_loss_weight * dist_loss(logits, teacher_logits, hp.dist_beta, hp.dist_gamma,
-                                                              hp.dist_tau),
-        }
+        return dist_loss(student_logits, teacher_logits, hp.dist_beta, hp.dist_gamma, hp.dist_tau)

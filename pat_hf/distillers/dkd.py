@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pat_hf.distillers.base import Distiller, hard_labels, register_distiller
+from pat_hf.distillers.base import LogitDistiller, hard_labels, register_distiller
 
 # Subtracted from the target logit to take the target class out of the non-target distribution.
 TARGET_LOGIT_OFFSET = 1000.0
@@ -45,16 +45,11 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
 
 
 @register_distiller("dkd")
-class DKD(Distiller):
+class DKD(LogitDistiller):
     Arguments = DKDArguments
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
-                      **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.student(images)
-        teacher_logits = self.teacher_logits(images)
+    def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
         hp = self.hparams
-        return logits, {
-            "loss_gt": self.gt_loss(logits, labels),
-            "loss_kd": self.common.kd_loss_weight * dkd_loss(logits, teacher_logits, hard_labels(labels),
-                                                             hp.dkd_alpha, hp.dkd_beta, hp.dkd_temperature),
-        }
+        return dkd_loss(student_logits, teacher_logits, hard_labels(labels), hp.dkd_alpha, hp.dkd_beta,
+                        hp.dkd_temperature)

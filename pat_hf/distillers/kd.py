@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pat_hf.distillers.base import Distiller, register_distiller
+from pat_hf.distillers.base import LogitDistiller, register_distiller
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -16,11 +16,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 @register_distiller("kd")
-class KD(Distiller):
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, **batch):
-        logits = self.student(images)
-        teacher_logits = self.teacher_logits(images)
-        return logits, {
-            "loss_gt": self.gt_loss(logits, labels),
-            "loss_kd": self.common.kd_loss_weight * kd_loss(logits, teacher_logits, self.common.kd_temperature),
-        }
+class KD(LogitDistiller):
+    def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, self.common.kd_temperature)
