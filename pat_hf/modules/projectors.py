@@ -62,20 +62,11 @@ class TokensToTokens(nn.Module):
         return rearrange(x, "b c l -> b l c")
 
 
-class TokensToMap(nn.Module):
-    """Tokens laid out on their square grid, nearest resize, BatchNorm, 1x1 conv."""
-
-    def __init__(self, in_shape: Shape, out_shape: Shape):
-        super().__init__()
-        self.out_side = side(out_shape)
-        self.proj = nn.Sequential(nn.BatchNorm2d(channels(in_shape)),
-                                  nn.Conv2d(channels(in_shape), channels(out_shape), 1, bias=False))
+class TokensToMap(MapToMap):
+    """Tokens laid out on their square grid, then as MapToMap."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
-        if x.shape[-1] != self.out_side:
-            x = F.interpolate(x, size=(self.out_side, self.out_side), mode="nearest")
-        return self.proj(x)
+        return super().forward(rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1])))
 
 
 class MapToTokens(nn.Module):
