@@ -3,13 +3,16 @@
 from pathlib import Path
 
 import timm
+import torch
 from safetensors.torch import save_file
 
 STUDENT = ["--model", "test_vit", "--model-kwargs", '{"img_size": 32, "patch_size": 4}', "--img-size", "32"]
 
 
 def save_teacher(directory: Path, name: str = "test_resnet", num_classes: int = 10) -> str:
+    """A random-init teacher, the same whatever ran before (its features set the targets of the tests)."""
     path = directory / f"{name}_teacher.safetensors"
+    torch.manual_seed(0)
     save_file(timm.create_model(name, num_classes=num_classes).state_dict(), str(path))
     return str(path)
 
