@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             recipe=args.recipe_summary(),
             metrics={k: v for k, v in metrics.items() if k.startswith(("eval_top", "eval_ema_top"))})
         exported = ema.named_models()[0][1] if args.recipe.export_ema else distiller.student
+        if args.recipe.channels_last:
+            exported.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
         student_dir = export_student(
             exported, os.path.join(args.training.output_dir, "student"),
             model_kwargs=args.model.model_kwargs, data_config=data_config,

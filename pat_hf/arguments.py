@@ -265,6 +265,9 @@ def _set_mixed_precision(values: dict[str, Any]) -> None:
     on_cuda = torch.cuda.is_available() and not values["use_cpu"]
     use_fp16 = on_cuda and values["amp_dtype"] == "float16"
     values["fp16"], values["bf16"] = use_fp16, not use_fp16
+    if not on_cuda:
+        # TrainingArguments accepts bf16 without a GPU only when told to run on the CPU.
+        values["use_cpu"] = True
 
 
 def parse_arguments(argv: list[str] | None = None) -> RunArguments:

@@ -281,6 +281,13 @@ class DistillationTrainer(Trainer):
             mark_complete(folder, {**self.run_identity, "global_step": self.state.global_step})
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        if self.recipe.channels_last:
+            # safetensors stores contiguous tensors only; channels-last weights are not.
+            state = state_dict if state_dict is not None else self.distiller.state_dict()
+            state_dict = {k: v.contiguous() for k, v in state.items()}
+        super()._save(output_dir, state_dict)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, PROCESS_STATE_FILE.format(rank=self.args.process_index))
