@@ -29,7 +29,7 @@ from pat_hf.arguments import RecipeArguments
 from pat_hf.callbacks import CheckpointStateCallback, ModelEmaCallback
 from pat_hf.checkpoints import mark_complete, restore_rng, rng_snapshot, rotate_checkpoints
 from pat_hf.distillers import Distiller
-from pat_hf.samplers import EpochRandomSampler, InterleavedRepeatAugSampler
+from pat_hf.samplers import EpochRandomSampler, EpochSampler, InterleavedRepeatAugSampler
 from pat_hf.schedule import TimmLRSchedule, create_timm_scheduler, training_epochs
 
 PROCESS_STATE_FILE = "distiller_state_rank{rank}.safetensors"
@@ -71,6 +71,7 @@ class DistillationTrainer(Trainer):
         self._epoch_eval: dict[str, float] = {}
         self._train_lr: float | None = None
         self._updates_per_epoch = 1
+        self._train_sampler: EpochSampler | None = None
         # RNG bookkeeping for exact mid-epoch resumes (see "exact mid-epoch resume" below).
         self._resumed_from: str | None = None
         self._rng_before_next_fetch: dict[str, Any] | None = None
@@ -129,12 +130,14 @@ class DistillationTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.aug_repeats:
-            return InterleavedRepeatAugSampler(dataset, num_replicas=self.args.world_size,
-                                               batch_size=self.args.per_device_train_batch_size,
-                                               num_repeats=self.aug_repeats)
-        sampler = EpochRandomSampler(len(dataset), seed=self.args.data_seed or self.args.seed)
+            sampler = InterleavedRepeatAugSampler(dataset, num_replicas=self.args.world_size,
+                                                  batch_size=self.args.per_device_train_batch_size,
+                                                  num_repeats=self.aug_repeats)
+        else:
+            sampler = EpochRandomSampler(len(dataset), seed=self.args.data_seed or self.args.seed)
         if self._tracks_fetch_rng:
             sampler.on_pass_start = self._on_sampler_pass_start
+        self._train_sampler = sampler
         return sampler
 
     # ---- training step and logging ----
@@ -195,9 +198,13 @@ class DistillationTrainer(Trainer):
                 _temporarily(self, "data_collator", collate):
             return super()._get_dataloader(*args, is_training=is_training, **kwargs)
 
-    def _run_epoch(self, *args, **kwargs):
+    def _run_epoch(self, model, epoch, *args, **kwargs):
         self._epoch_sums, self._epoch_steps, self._epoch_eval = {}, 0, {}
-        super()._run_epoch(*args, **kwargs)
+        if self._train_sampler is not None:
+            # Under DDP, the loader accelerate rebuilds to skip the batches of an interrupted epoch does not pass
+            # set_epoch on to the sampler, which would then replay epoch 0's order.
+            self._train_sampler.set_epoch(epoch)
+        super()._run_epoch(model, epoch, *args, **kwargs)
         self._write_summary_row()
 
     def _write_summary_row(self) -> None:
@@ -225,6 +232,16 @@ class DistillationTrainer(Trainer):
         os.replace(partial, path)
 
     # ---- evaluation ----
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        # Evaluation draws from the global generators (the loader's base seed); leaving them as they were keeps
+        # training independent of when it evaluates, so a resumed run, which does not repeat an evaluation that
+        # followed its checkpoint, still draws what the uninterrupted run drew.
+        state = rng_snapshot()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            restore_rng(state)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):

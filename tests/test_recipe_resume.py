@@ -158,3 +158,23 @@ def test_resume_into_another_run_fails_before_writing(tmp_path, change):
     with pytest.raises(ValueError, match="belongs to another run"):
         run_distill.main([*resume_argv(run, "--resume"), *change])
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_at_an_epoch_end_that_was_followed_by_evaluation(tmp_path):
+    """The checkpoint at step 4 is written before that epoch's evaluation: the resumed run does not evaluate
+    there, yet must train exactly as the uninterrupted run (evaluation leaves the generators untouched)."""
+    import run_distill
+
+    def argv(output_dir: Path) -> list[str]:
+        return [*resume_argv(output_dir), "--img-size", "32", "--batch-size", "8", "--max_train_samples", "32",
+                "--max_eval_samples", "16", "--num-classes", "10", "--epochs", "2", "--warmup-epochs", "1",
+                "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "3", "--model-ema",
+                "--disable_tqdm", "true"]
+
+    run_distill.main(argv(tmp_path / "straight"))
+    shutil.copytree(tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    run_distill.main([*argv(tmp_path / "resumed"), "--resume"])
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert_same_tensors(tmp_path / "straight" / "checkpoint-8" / name, tmp_path / "resumed" / "checkpoint-8" / name)
+    with open(tmp_path / "resumed" / "summary.csv") as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()] == ["epoch", "2.0"]
