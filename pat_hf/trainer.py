@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from pat_hf.arguments import RecipeArguments
 from pat_hf.callbacks import CheckpointStateCallback, ModelEmaCallback
@@ -97,7 +97,7 @@ class DistillationTrainer(Trainer):
 
     # ---- optimizer and schedule ----
 
-    def create_optimizer(self, model=None):
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """timm's optimizer over the student and the distiller's modules, with the reference's weight-decay rule:
         none for parameters with ndim <= 1 or named `.bias` (the teacher is frozen, so it never enters)."""
         if self.optimizer is None:
@@ -118,7 +118,8 @@ class DistillationTrainer(Trainer):
         self._updates_per_epoch = values[1]
         return values
 
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+    def create_scheduler(self, num_training_steps: int,
+                         optimizer: torch.optim.Optimizer | None = None) -> TimmLRSchedule:
         """timm's schedule over --epochs, applied per epoch (or per update with --sched-on-updates)."""
         if self.lr_scheduler is None:
             scheduler, _ = create_timm_scheduler(optimizer or self.optimizer, self.recipe, self.args.num_train_epochs,
@@ -244,7 +245,7 @@ class DistillationTrainer(Trainer):
             restore_rng(state)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix: str = "eval"):
+                        metric_key_prefix: str = "eval") -> EvalLoopOutput:
         """Evaluate the raw student, then each EMA student in its place (metrics `<prefix>_ema_top1`, ...),
         and report the higher top-1 of them as `<prefix>_max_top1`, the reference's selection metric."""
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
