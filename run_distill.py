@@ -19,10 +19,11 @@ import datasets
 import torch
 import transformers
 import yaml
-from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback, set_seed
 
 from pat_hf.arguments import RunArguments, parse_arguments
+from pat_hf.callbacks import ModelEmaCallback
+from pat_hf.checkpoints import check_resumable, checkpoint_folders, latest_complete_checkpoint
 from pat_hf.data import (
     attach_transform,
     build_criterion,
@@ -51,25 +52,30 @@ def setup_logging(args: RunArguments) -> None:
 
 
 def find_resume_checkpoint(args: RunArguments) -> str | None:
-    """--resume: the latest checkpoint in --output_dir. Without it, refuse to write over an earlier run."""
+    """--resume: the newest complete checkpoint in --output_dir (or --resume_from_checkpoint PATH), which must
+    come from a run of the same models and distiller. Without it, refuse to write over an earlier run."""
     output_dir = args.training.output_dir
-    if args.training.resume_from_checkpoint:
-        return args.training.resume_from_checkpoint
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if args.recipe.resume:
-        if last is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {output_dir}")
-        return last
-    if last is not None:
+    checkpoint = args.training.resume_from_checkpoint
+    if not checkpoint and args.recipe.resume:
+        checkpoint = latest_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {output_dir}")
+    if checkpoint:
+        check_resumable(checkpoint, args.run_identity())
+        return str(checkpoint)
+    if checkpoint_folders(output_dir):
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue that run "
                               f"or choose another --output_dir")
     return None
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict[str, float]:
+    """Train, evaluate and export; `callbacks` are extra TrainerCallbacks. Returns the final eval metrics."""
     args = parse_arguments(argv)
     setup_logging(args)
     set_seed(args.training.seed)
+    if args.data.aug_repeats and args.training.world_size < 2:
+        raise ValueError("--aug-repeats needs a distributed run (as in the reference): launch several processes")
     resume_from = find_resume_checkpoint(args)
 
     train_set, eval_set, source = load_splits(args.data)
@@ -92,8 +98,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     distiller_cls = get_distiller_class(args.distill.distiller)
     context = DistillContext(input_size=tuple(data_config["input_size"]), num_classes=num_classes,
                              train_labels=torch.tensor(train_set["label"]),
-                             criterion=build_criterion(args.data))
+                             criterion=build_criterion(args.data, bce_loss=args.data.bce_loss))
     distiller = distiller_cls(student, teacher, args.distill, args.hparams, context)
+    if args.recipe.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    callbacks = list(callbacks or [])
+    ema = ModelEmaCallback(distiller.student, args.recipe.model_ema_decay) if args.recipe.model_ema else None
+    if ema is not None:
+        callbacks.append(ema)
 
     train_transform, eval_transform = build_transforms(args.data, data_config)
     train_set = attach_transform(train_set, train_transform, with_index="index" in distiller_cls.batch_keys)
@@ -103,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer = DistillationTrainer(
         model=distiller, args=args.training, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=collate, compute_metrics=TopkMetrics(), preprocess_logits_for_metrics=top_k_indices,
-        recipe=args.recipe, mixup_fn=mixup)
+        callbacks=callbacks, recipe=args.recipe, mixup_fn=mixup, run_identity=args.run_identity(),
+        aug_repeats=args.data.aug_repeats)
     if trainer.is_world_process_zero():
         with open(os.path.join(args.training.output_dir, "args.yaml"), "w") as f:
             yaml.safe_dump(args.as_dict(), f, sort_keys=False)
@@ -119,9 +132,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         card = ModelCardInfo(
             student=args.model.model, teacher=args.model.teacher, distiller=args.distill.distiller,
             dataset=args.data.dataset, hyperparameters=args.distiller_hyperparameters(),
-            recipe=args.recipe_summary(), metrics={k: v for k, v in metrics.items() if k.startswith("eval_top")})
+            recipe=args.recipe_summary(),
+            metrics={k: v for k, v in metrics.items() if k.startswith(("eval_top", "eval_ema_top"))})
+        exported = ema.named_models()[0][1] if args.recipe.export_ema else distiller.student
+        if args.recipe.channels_last:
+            exported.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
         student_dir = export_student(
-            distiller.student, os.path.join(args.training.output_dir, "student"),
+            exported, os.path.join(args.training.output_dir, "student"),
             model_kwargs=args.model.model_kwargs, data_config=data_config,
             class_names=class_names_of(train_set), card=card)
         logger.info("exported the student to %s", student_dir)

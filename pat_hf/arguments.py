@@ -17,9 +17,13 @@ from typing import Any
 
 import torch
 import yaml
+from timm.optim import list_optimizers
 from transformers import HfArgumentParser, TrainingArguments
 
 from pat_hf.distillers import DISTILLERS, DistillArguments, get_distiller_class
+from pat_hf.schedule import SCHEDULERS
+
+BASE_KEY = "base"
 
 
 def _help(text: str, *aliases: str) -> dict:
@@ -83,6 +87,9 @@ class DataArguments:
     mixup_switch_prob: float = field(default=0.5, metadata=_help("probability of cutmix when both are on"))
     mixup_mode: str = field(default="batch", metadata=_help("batch | pair | elem"))
     smoothing: float = field(default=0.1, metadata=_help("label smoothing"))
+    bce_loss: bool = field(default=False, metadata=_help("binary cross-entropy instead of (soft) cross-entropy"))
+    aug_repeats: int = field(default=0, metadata=_help(
+        "repeated augmentation: each image N times per epoch, on different processes (distributed runs only)"))
 
 
 @dataclass
@@ -93,13 +100,35 @@ class RecipeArguments:
     momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
     opt_eps: float | None = field(default=None, metadata=_help("optimizer epsilon"))
     opt_betas: list[float] = field(default_factory=list, metadata=_help("optimizer betas"))
-    sched: str = field(default="cosine", metadata=_help("timm scheduler: cosine | step"))
+    sched: str = field(default="cosine", metadata=_help("timm scheduler: " + " | ".join(SCHEDULERS)))
+    sched_on_updates: bool = field(default=False, metadata=_help(
+        "update the learning rate after every optimizer step instead of once per epoch"))
     warmup_epochs: int = field(default=3, metadata=_help("linear warmup epochs"))
     warmup_lr: float = field(default=1e-4, metadata=_help("learning rate at the start of warmup"))
     min_lr: float = field(default=1e-6, metadata=_help("lowest learning rate of the schedule"))
+    decay_epochs: float = field(default=100, metadata=_help("step scheduler: epochs between decays"))
+    decay_rate: float = field(default=0.1, metadata=_help("step scheduler: decay factor", "--dr"))
+    cooldown_epochs: int = field(default=0, metadata=_help("epochs at min_lr after the schedule (trained too)"))
+    model_ema: bool = field(default=False, metadata=_help("keep an exponential moving average of the student"))
+    model_ema_decay: list[float] = field(default_factory=lambda: [0.9998], metadata=_help(
+        "EMA decay, one EMA per value"))
+    export_ema: bool = field(default=False, metadata=_help("export the (first) EMA student instead of the raw one"))
     amp: bool = field(default=False, metadata=_help("mixed precision: fp16 on CUDA, bf16 on CPU"))
     amp_dtype: str = field(default="float16", metadata=_help("float16 | bfloat16: the --amp type on CUDA"))
+    channels_last: bool = field(default=False, metadata=_help("channels-last memory format for models and inputs"))
     resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output_dir"))
+
+    def __post_init__(self):
+        name = self.opt.lower().removeprefix("lookahead_")
+        if name not in list_optimizers():
+            raise ValueError(f"unknown optimizer --opt {self.opt!r}; e.g. sgd, adamw, lamb "
+                             f"(all names: timm.optim.list_optimizers())")
+        if self.sched not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler --sched {self.sched!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.model_ema and not self.model_ema_decay:
+            raise ValueError("--model-ema needs at least one --model-ema-decay value")
+        if self.export_ema and not self.model_ema:
+            raise ValueError("--export-ema needs --model-ema")
 
 
 @dataclass
@@ -121,6 +150,10 @@ class DistillTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata=_help("when to checkpoint: no | steps | epoch"))
     save_total_limit: int | None = field(default=2, metadata=_help("checkpoints kept", "--checkpoint-hist"))
     report_to: str = field(default="tensorboard", metadata=_help("tensorboard | none | wandb | ..."))
+    # The reference keeps the best of the raw and EMA students over all evaluations (SPEC §1.7); eval_max_top1
+    # is the higher of the two at one evaluation, and its best checkpoint is spared by the rotation.
+    metric_for_best_model: str | None = field(default="max_top1", metadata=_help(
+        "metric whose best checkpoint is kept (max_top1: the higher of raw and EMA top-1)"))
     remove_unused_columns: bool = field(default=False, metadata=_help("keep False: transforms need raw columns"))
     dataloader_drop_last: bool = field(default=True, metadata=_help("drop the last incomplete training batch"))
     push_to_hub: bool = field(default=False, metadata=_help("push OUTPUT_DIR/student (not checkpoints) to the Hub"))
@@ -148,6 +181,12 @@ class RunArguments:
     distill: DistillArguments
     hparams: Any
     training: DistillTrainingArguments
+
+    def run_identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it."""
+        m = self.model
+        return {"model": m.model, "model_kwargs": m.model_kwargs, "teacher": m.teacher,
+                "teacher_kwargs": m.teacher_kwargs, "distiller": self.distill.distiller}
 
     def distiller_hyperparameters(self) -> dict[str, Any]:
         shared = dataclasses.asdict(self.distill)
@@ -200,7 +239,9 @@ def _key_to_dest(types: list[type]) -> dict[str, str]:
     return names
 
 
-def read_config(path: str, types: list[type]) -> dict[str, Any]:
+def read_config(path: str, types: list[type], _included_from: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The defaults a YAML file sets, by field name. A `base: OTHER.yaml` key (relative to the file) reads
+    OTHER.yaml first and lets this file's keys override its values; bases may chain."""
     config_path = Path(path)
     if not config_path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -209,12 +250,19 @@ def read_config(path: str, types: list[type]) -> dict[str, Any]:
         raise ValueError(f"{path} must hold a mapping of option: value")
     destinations = _key_to_dest(types)
     defaults = {}
+    base = config.pop(BASE_KEY, None)
     for key, value in config.items():
         normalised = str(key).replace("-", "_")
         if normalised not in destinations:
             raise ValueError(f"unknown key {key!r} in {path}; run with --help for the accepted names")
         defaults[destinations[normalised]] = value
-    return defaults
+    if base is None:
+        return defaults
+    chain = (*_included_from, config_path.resolve())
+    base_path = (config_path.parent / str(base)).resolve()
+    if base_path in chain:
+        raise ValueError(f"{path}: 'base: {base}' includes a file that includes it")
+    return {**read_config(str(base_path), types, chain), **defaults}
 
 
 def _set_mixed_precision(values: dict[str, Any]) -> None:
@@ -224,6 +272,9 @@ def _set_mixed_precision(values: dict[str, Any]) -> None:
     on_cuda = torch.cuda.is_available() and not values["use_cpu"]
     use_fp16 = on_cuda and values["amp_dtype"] == "float16"
     values["fp16"], values["bf16"] = use_fp16, not use_fp16
+    if not on_cuda:
+        # TrainingArguments accepts bf16 without a GPU only when told to run on the CPU.
+        values["use_cpu"] = True
 
 
 def parse_arguments(argv: list[str] | None = None) -> RunArguments:

@@ -94,8 +94,10 @@ class PAT(Distiller):
                    zip(self.aligners, self.region_attention(student.stages))]
         targets = [self._teacher_target(feature) for feature in prompted.stages]
         feature_loss = sum(hierarchical_context_loss(a, t) for a, t in zip(aligned, targets))
-        self._feedback_student = [a.detach() for a in aligned]
-        self._feedback_teacher = [t.detach() for t in targets]
+        # Contiguous, as a checkpoint restores them: a resumed run then computes exactly what an uninterrupted one
+        # does (kernels may round differently on other memory layouts).
+        self._feedback_student = [a.detach().contiguous() for a in aligned]
+        self._feedback_teacher = [t.detach().contiguous() for t in targets]
 
         hp = self.hparams
         return student.logits, {

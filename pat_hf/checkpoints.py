@@ -1,0 +1,118 @@
+"""Checkpoint folders that a kill can never leave half-usable.
+
+A checkpoint is complete once `pat_hf_checkpoint.json` is in it: the marker is written last (atomically),
+after every other file of every process. `--resume` only ever picks a complete checkpoint, and rotation only
+deletes checkpoints once a newer complete one exists. The marker also records what the run trained (student,
+teacher, distiller), so resuming into a different run fails with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+COMPLETE_MARKER = "pat_hf_checkpoint.json"
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _step(path: Path) -> int | None:
+    match = _CHECKPOINT_NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Every `checkpoint-N` folder in `output_dir`, complete or not, by increasing N."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [path for path in Path(output_dir).iterdir() if path.is_dir() and _step(path) is not None]
+    return sorted(found, key=_step)
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    complete = [path for path in checkpoint_folders(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
+
+
+def mark_complete(folder: str | os.PathLike, identity: dict[str, Any]) -> None:
+    """Write the completion marker last and atomically: a reader sees all of it or none of it."""
+    marker = Path(folder) / COMPLETE_MARKER
+    partial = marker.with_suffix(".partial")
+    with open(partial, "w") as f:
+        json.dump(identity, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, marker)
+
+
+def read_identity(folder: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(folder) / COMPLETE_MARKER).read_text())
+
+
+def check_resumable(folder: str | os.PathLike, identity: dict[str, Any]) -> None:
+    """Refuse an incomplete checkpoint, or one saved by a run of another student, teacher or distiller."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {folder}")
+    if not is_complete(folder):
+        raise ValueError(f"{folder} is incomplete (no {COMPLETE_MARKER}: its save was interrupted); resume from "
+                         f"an earlier checkpoint")
+    saved = read_identity(folder)
+    differences = [f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+                   for key, value in identity.items() if saved.get(key) != value]
+    if differences:
+        raise ValueError(f"{folder} belongs to another run ({'; '.join(differences)}); resume with the same "
+                         f"models and distiller, or choose another --output_dir")
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None, protected: str | None = None) -> list[Path]:
+    """Delete all but the `keep` newest complete checkpoints (and `protected`, the best one). Incomplete
+    folders older than the newest complete checkpoint are leftovers of interrupted saves and go too."""
+    if keep is None or keep <= 0:
+        return []
+    folders = checkpoint_folders(output_dir)
+    complete = [path for path in folders if is_complete(path)]
+    if not complete:
+        return []
+    kept = {path.name for path in complete[-keep:]}
+    if protected:
+        kept.add(Path(protected).name)
+    newest_step = _step(complete[-1])
+    deleted = []
+    for path in folders:
+        if path.name not in kept and _step(path) <= newest_step:
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
+
+
+def rng_snapshot() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states, storable with `torch.save` and loadable with
+    `torch.load(weights_only=True)`."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), position, has_gauss, gauss),
+             "cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
