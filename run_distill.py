@@ -22,9 +22,10 @@ import yaml
 from transformers import TrainerCallback, set_seed
 
 from pat_hf.arguments import RunArguments, parse_arguments
-from pat_hf.callbacks import ModelEmaCallback
+from pat_hf.callbacks import MixupOffCallback, ModelEmaCallback
 from pat_hf.checkpoints import check_resumable, checkpoint_folders, latest_complete_checkpoint
 from pat_hf.data import (
+    MixupCollator,
     attach_transform,
     build_criterion,
     build_mixup,
@@ -79,7 +80,11 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     resume_from = find_resume_checkpoint(args)
 
     train_set, eval_set, source = load_splits(args.data)
-    num_classes = args.model.num_classes or num_classes_of(train_set)
+    dataset_classes = num_classes_of(train_set)
+    num_classes = args.model.num_classes or dataset_classes
+    if num_classes < dataset_classes:
+        raise ValueError(f"--num-classes {num_classes} is fewer than the {dataset_classes} classes of the dataset; "
+                         f"drop --num-classes to use the dataset's")
     student_kwargs = {"drop_rate": args.model.drop, **args.model.model_kwargs}
     if args.model.drop_path is not None:
         student_kwargs["drop_path_rate"] = args.model.drop_path
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     ema = ModelEmaCallback(distiller.student, args.recipe.model_ema_decay) if args.recipe.model_ema else None
     if ema is not None:
         callbacks.append(ema)
+    if mixup is not None and args.data.mixup_off_epoch:
+        callbacks.append(MixupOffCallback(mixup, args.data.mixup_off_epoch))
 
     train_transform, eval_transform = build_transforms(args.data, data_config)
     train_set = attach_transform(train_set, train_transform, with_index="index" in distiller_cls.batch_keys)
@@ -115,7 +122,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     trainer = DistillationTrainer(
         model=distiller, args=args.training, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=collate, compute_metrics=TopkMetrics(), preprocess_logits_for_metrics=top_k_indices,
-        callbacks=callbacks, recipe=args.recipe, mixup_fn=mixup, run_identity=args.run_identity(),
+        callbacks=callbacks, recipe=args.recipe, train_data_collator=MixupCollator(mixup) if mixup else None,
+        run_identity=args.run_identity(),
         aug_repeats=args.data.aug_repeats)
     if trainer.is_world_process_zero():
         with open(os.path.join(args.training.output_dir, "args.yaml"), "w") as f:

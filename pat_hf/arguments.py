@@ -86,6 +86,7 @@ class DataArguments:
     mixup_prob: float = field(default=1.0, metadata=_help("probability of mixing a batch"))
     mixup_switch_prob: float = field(default=0.5, metadata=_help("probability of cutmix when both are on"))
     mixup_mode: str = field(default="batch", metadata=_help("batch | pair | elem"))
+    mixup_off_epoch: int = field(default=0, metadata=_help("stop mixing from this epoch on (0: never)"))
     smoothing: float = field(default=0.1, metadata=_help("label smoothing"))
     bce_loss: bool = field(default=False, metadata=_help("binary cross-entropy instead of (soft) cross-entropy"))
     aug_repeats: int = field(default=0, metadata=_help(

@@ -1,4 +1,5 @@
-"""Trainer callbacks: the student's exponential moving average (timm's ModelEmaV3), as the reference keeps it.
+"""Trainer callbacks: the student's exponential moving average (timm's ModelEmaV3), as the reference keeps it,
+and switching mixup off at --mixup-off-epoch.
 
 Callbacks that derive from `CheckpointStateCallback` have their state written into every checkpoint and read
 back on resume by `DistillationTrainer`, before the checkpoint is marked complete (transformers' own callback
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch import nn
 from transformers import TrainerCallback
@@ -80,3 +82,15 @@ class ModelEmaCallback(CheckpointStateCallback):
                 continue
             with torch.no_grad():
                 module.load_state_dict(load_file(path, device=str(next(module.parameters()).device)))
+
+
+class MixupOffCallback(TrainerCallback):
+    """--mixup-off-epoch: from that epoch on, batches keep timm's (smoothed one-hot) labels but are not mixed."""
+
+    def __init__(self, mixup: Mixup, off_epoch: int):
+        self.mixup = mixup
+        self.off_epoch = off_epoch
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # Training loader workers are started per epoch, so they copy the collator with this flag.
+        self.mixup.mixup_enabled = (state.epoch or 0) < self.off_epoch

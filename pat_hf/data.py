@@ -44,6 +44,9 @@ KNOWN_DATASETS = {
     "cifar100": DatasetSource("uoft-cs/cifar100", "img", "fine_label", "test", CIFAR_MEAN, CIFAR_STD, "bilinear"),
     "imagenet-1k": DatasetSource("ILSVRC/imagenet-1k", "image", "label", "validation"),
 }
+# Teacher and student see the same normalised images, whatever their timm configs say: like CIFAR, the shipped
+# digits get statistics of their own (pixel mean and std over the whole set, grey replicated to RGB).
+DIGITS = DatasetSource("digits", "image", "label", "validation", (0.3053,) * 3, (0.3759,) * 3)
 KNOWN_DATASETS["uoft-cs/cifar100"] = KNOWN_DATASETS["cifar100"]
 KNOWN_DATASETS["imagenet"] = KNOWN_DATASETS["ILSVRC/imagenet-1k"] = KNOWN_DATASETS["imagenet-1k"]
 
@@ -80,7 +83,7 @@ def _load_from_hub(name: str) -> DatasetDict:
 def _load_raw(args: DataArguments) -> tuple[DatasetDict, DatasetSource | None]:
     name = args.dataset
     if name == "digits":
-        return load_digits_dataset(), None
+        return load_digits_dataset(), DIGITS
     local = args.data_dir or (name if os.path.isdir(name) else None)
     if local:
         if not os.path.isdir(local):
@@ -194,6 +197,19 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if "index" in examples[0]:
         batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
     return batch
+
+
+@dataclass
+class MixupCollator:
+    """Collates training batches and mixes them with timm's Mixup/CutMix, which also smooths the labels
+    (the reference's collate-time mixing). `mixup_enabled` is switched off at --mixup-off-epoch."""
+
+    mixup: Mixup
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = collate(examples)
+        batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
+        return batch
 
 
 def mixup_active(args: DataArguments) -> bool:

@@ -90,3 +90,54 @@ def load_reference_distiller_state(module: nn.Module, distiller: str, state: Map
         child_state = {key: value.to(child.state_dict()[key].dtype) for key, value in
                        split_prefixed(converted, name + ".").items()}
         child.load_state_dict(child_state, strict=True)
+
+
+def convert_reference_checkpoint(path: str, distiller: str, student: nn.Module) -> dict[str, torch.Tensor]:
+    """A reference `checkpoint/*.pth.tar` (timm CheckpointSaver: `state_dict` = the student, `state_dict_ema` =
+    the whole distiller, SPEC §1.7) as a pat-hf distiller state: `student.*` in timm 1.x names plus the
+    distiller's modules in ours. The frozen teacher is left out, as in pat-hf checkpoints."""
+    from pat_hf.models import read_state_dict
+
+    whole = read_state_dict(path, use_ema=True)
+    student_state = split_prefixed(whole, "student.")
+    if not student_state:  # a file without the distiller's state: the student alone
+        student_state, whole = whole, {}
+    student_state = remap_legacy_keys(student, student_state)
+    student.load_state_dict(student_state, strict=True)
+    extras = {k: v for k, v in whole.items() if not k.startswith(("student.", "teacher."))}
+    converted = {f"student.{k}": v for k, v in student_state.items()}
+    converted.update(convert_distiller_state(distiller, extras))
+    return converted
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m pat_hf.reference CHECKPOINT --distiller NAME --model NAME --num-classes N --output DIR"""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from pat_hf.models import create_model
+
+    parser = argparse.ArgumentParser(description="Convert a reference (OFA-KD/PAT) training checkpoint: writes "
+                                                 "DIR/student.safetensors (timm 1.x names, for --initial-checkpoint "
+                                                 "or evaluation) and DIR/distiller.safetensors (pat-hf names).")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--distiller", required=True, help="the reference run's --distiller")
+    parser.add_argument("--model", required=True, help="the student's timm name")
+    parser.add_argument("--model-kwargs", default="{}", help="JSON kwargs of the student")
+    parser.add_argument("--num-classes", type=int, required=True)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    student = create_model(args.model, args.num_classes, json.loads(args.model_kwargs))
+    state = convert_reference_checkpoint(args.checkpoint, args.distiller, student)
+    args.output.mkdir(parents=True, exist_ok=True)
+    save_file({k.removeprefix("student."): v.contiguous() for k, v in state.items() if k.startswith("student.")},
+              str(args.output / "student.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(args.output / "distiller.safetensors"))
+    print(f"wrote {args.output / 'student.safetensors'} and {args.output / 'distiller.safetensors'}")
+
+
+if __name__ == "__main__":
+    main()

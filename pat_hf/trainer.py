@@ -55,11 +55,12 @@ class DistillationTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, recipe: RecipeArguments | None = None, mixup_fn: Callable | None = None,
+    def __init__(self, *args, recipe: RecipeArguments | None = None, train_data_collator: Callable | None = None,
                  run_identity: dict[str, Any] | None = None, aug_repeats: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe or RecipeArguments()
-        self.mixup_fn = mixup_fn
+        # Training batches may be collated differently (mixup); evaluation always uses data_collator.
+        self.train_data_collator = train_data_collator or self.data_collator
         self.run_identity = dict(run_identity or {})
         self.aug_repeats = aug_repeats
         self._component_sums: dict[str, torch.Tensor] = {}
@@ -149,8 +150,6 @@ class DistillationTrainer(Trainer):
             loss = F.cross_entropy(logits.float(), inputs["labels"])
             return (loss, {"logits": logits}) if return_outputs else loss
         inputs = dict(inputs)
-        if self.mixup_fn is not None:
-            inputs["pixel_values"], inputs["labels"] = self.mixup_fn(inputs["pixel_values"], inputs["labels"])
         inputs["pixel_values"] = self._memory_format(inputs["pixel_values"])
         # The rate this step's optimizer update will use (summary.csv reports it per epoch).
         self._train_lr = self.optimizer.param_groups[0]["lr"]
@@ -194,7 +193,10 @@ class DistillationTrainer(Trainer):
 
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
         # drop_last is for training only (mixup pairs, PAT's feedback); evaluation must see every example.
-        collate = self._training_collate if is_training and self._tracks_fetch_rng else self.data_collator
+        if is_training:
+            collate = self._training_collate if self._tracks_fetch_rng else self.train_data_collator
+        else:
+            collate = self.data_collator
         with _temporarily(self.args, "dataloader_drop_last", self.args.dataloader_drop_last and is_training), \
                 _temporarily(self, "data_collator", collate):
             return super()._get_dataloader(*args, is_training=is_training, **kwargs)
@@ -335,7 +337,7 @@ class DistillationTrainer(Trainer):
         self._rng_before_next_fetch = rng_snapshot()
 
     def _training_collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.data_collator(examples)
+        batch = self.train_data_collator(examples)
         self._rng_before_latest_fetch = self._rng_before_next_fetch
         if self._restore_after_first_fetch is not None:
             super()._load_rng_state(self._restore_after_first_fetch)

@@ -93,3 +93,34 @@ def test_criterion_follows_the_reference_rule():
     assert isinstance(build_criterion(DataArguments(mixup=0.8)), SoftTargetCrossEntropy)
     assert isinstance(build_criterion(DataArguments(smoothing=0.1)), LabelSmoothingCrossEntropy)
     assert isinstance(build_criterion(DataArguments(smoothing=0.0)), torch.nn.CrossEntropyLoss)
+
+
+def test_mixup_collator_mixes_and_smooths_training_batches():
+    from pat_hf.callbacks import MixupOffCallback
+    from pat_hf.data import MixupCollator
+
+    mixup = build_mixup(DataArguments(mixup=0.8, cutmix=1.0, smoothing=0.1), num_classes=10, batch_size=4)
+    examples = [{"pixel_values": torch.full((3, 8, 8), float(i)), "labels": i} for i in range(4)]
+    batch = MixupCollator(mixup)(examples)
+    assert batch["labels"].shape == (4, 10)
+    assert torch.allclose(batch["labels"].sum(dim=1), torch.ones(4))
+    assert batch["labels"].max() < 1.0  # smoothed, and mixed
+    callback = MixupOffCallback(mixup, off_epoch=2)
+    callback.on_epoch_begin(None, type("State", (), {"epoch": 1.0})(), None)
+    assert mixup.mixup_enabled
+    callback.on_epoch_begin(None, type("State", (), {"epoch": 2.0})(), None)
+    unmixed = MixupCollator(mixup)(examples)
+    assert torch.equal(unmixed["pixel_values"], torch.stack([e["pixel_values"] for e in examples]))
+    assert torch.allclose(unmixed["labels"].argmax(dim=1), torch.arange(4))
+
+
+def test_digits_are_normalised_with_their_own_statistics_for_every_model():
+    """A teacher and a student with different timm defaults (ImageNet vs 0.5 mean/std) must see the same input."""
+    from pat_hf.data import resolve_data_config_for
+    from pat_hf.models import create_model
+
+    _, _, source = load_splits(DataArguments(dataset="digits", max_train_samples=1, max_eval_samples=1))
+    configs = [resolve_data_config_for(DataArguments(dataset="digits"), create_model(name, 10, kwargs), 32, source)
+               for name, kwargs in (("resnet10t", {}), ("test_vit", {"img_size": 32, "patch_size": 4}))]
+    assert configs[0]["mean"] == configs[1]["mean"] == (0.3053,) * 3
+    assert configs[0]["std"] == configs[1]["std"] == (0.3759,) * 3

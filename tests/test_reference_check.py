@@ -40,3 +40,42 @@ def test_cli_exit_status(tmp_path, capsys):
     (tmp_path / fixture.with_suffix(".json").name).write_text(json.dumps(broken))
     assert main([str(tmp_path / fixture.name), "--distiller", "kd"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+@needs_golden
+def test_reference_training_checkpoint_converts(tmp_path):
+    """A reference checkpoint/ file (student in state_dict, whole distiller in state_dict_ema) converts into
+    a pat-hf distiller state that reproduces the reference's losses."""
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pat_hf.reference import main as convert
+    from pat_hf.reference_check import build_distiller
+
+    fixture = GOLDEN / "swin_to_resnet.safetensors"
+    meta = json.loads(fixture.with_suffix(".json").read_text())
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(fixture)).items()}
+    distiller_state = {k: v for k, v in state.items() if k.startswith(("student.", "teacher."))}
+    distiller_state.update({k.removeprefix("extra.pat."): v for k, v in state.items() if k.startswith("extra.pat.")})
+    checkpoint = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 1, "state_dict": {k.removeprefix("student."): v for k, v in state.items()
+                                           if k.startswith("student.")},
+                "state_dict_ema": distiller_state, "args": argparse.Namespace(distiller="pat")}, checkpoint)
+    convert([str(checkpoint), "--distiller", "pat", "--model", "resnet18", "--model-kwargs",
+             json.dumps(meta["student"]["kwargs"]), "--num-classes", "100", "--output", str(tmp_path / "out")])
+    converted = load_file(str(tmp_path / "out" / "distiller.safetensors"))
+    assert not any(k.startswith("teacher.") for k in converted)
+    distiller = build_distiller(meta, load_file(str(fixture)), "pat")
+    with torch.no_grad():  # forget what build_distiller loaded: the converted file alone must restore it
+        for parameter in [*distiller.student.parameters(), *distiller.extra_parameters()]:
+            parameter.zero_()
+    missing, unexpected = distiller.load_state_dict(converted, strict=False)
+    assert not unexpected and not missing
+    distiller.train()
+    out = distiller(state["input.x1"], state["input.y1"])
+    for key, value in meta["distillers"]["pat"]["step1"].items():
+        assert float(out[key].detach()) == pytest.approx(value, rel=1e-4), key
+    student = load_file(str(tmp_path / "out" / "student.safetensors"))
+    assert torch.equal(student["fc.weight"], distiller.student.fc.weight)

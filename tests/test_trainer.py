@@ -98,6 +98,7 @@ def test_student_alone_without_teacher(tmp_path):
     (["--distiller", "kd", "--teacher", ""], "--distiller kd needs a teacher"),
     (["--mixup", "0.8", "--batch-size", "15"], "even batch size"),
     (["--dataset", "digits", "--label-column", "fine_label"], "no column 'fine_label'"),
+    (["--num-classes", "5"], "--num-classes 5 is fewer than the 10 classes of the dataset"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, flags, message):
     output = tmp_path / "run"
@@ -136,3 +137,29 @@ def test_exported_student_loads_in_timm_and_transformers_with_equal_logits(kd_ru
         assert torch.equal(in_timm(x), in_transformers(x).logits)
     trained = load_file(str(student_dir / "model.safetensors"))
     assert torch.equal(trained["head.weight"], in_timm.head.weight)
+
+
+def test_push_to_hub_uploads_the_exported_student_not_a_checkpoint(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeHubApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["repo"] = (repo_id, private)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls["folder"] = folder_path
+            calls["files"] = sorted(p.name for p in (tmp_path / "run" / "student").iterdir())
+            return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
+    run_distill.main(tiny_run(tmp_path / "run", None, "--distiller", "vanilla", "--push-to-hub",
+                              "--hub_model_id", "someone/digits-vit"))
+    assert calls["repo"] == ("someone/digits-vit", False)
+    assert calls["folder"] == str(tmp_path / "run" / "student")
+    assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert 'hf-hub:someone/digits-vit' in (tmp_path / "run" / "student" / "README.md").read_text()
