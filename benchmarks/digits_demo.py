@@ -35,6 +35,16 @@ STUDENT_ROWS = {
 }
 
 
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{cpu or platform.machine()}, {os.cpu_count()} CPU cores"
+
+
 def run(name: str, output: Path, flags: list[str]) -> tuple[dict[str, float], float]:
     start = time.perf_counter()
     metrics = run_distill.main(["--config", CONFIG, "--output_dir", str(output / name), "--report_to", "none",
@@ -62,8 +72,8 @@ def main() -> None:
         metrics, minutes = run(key, args.output, ["--teacher-pretrained", teacher, *flags, *epochs])
         results.append((label, metrics, minutes))
 
-    lines = [f"Digits demo (scikit-learn digits, 1437 train / 360 held-out, 32x32), {platform.processor() or 'CPU'}, "
-             f"{os.cpu_count()} cores", "", "| run | top-1 | top-5 | minutes |", "|---|---|---|---|"]
+    lines = [f"Digits demo (scikit-learn digits, 1437 train / 360 held-out, 32x32) on {machine()}", "",
+             "| run | top-1 | top-5 | minutes |", "|---|---|---|---|"]
     lines += [f"| {label} | {m['eval_top1']:.2f} | {m['eval_top5']:.2f} | {minutes:.1f} |"
               for label, m, minutes in results]
     table = "\n".join(lines)

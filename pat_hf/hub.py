@@ -107,7 +107,7 @@ def export_student(student: nn.Module, directory: str | Path, *, model_kwargs: d
     return directory
 
 
-def push_student(directory: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+def push_student(directory: str | Path, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
     """Upload an exported student folder (not a training checkpoint) to a Hub model repository."""
     from huggingface_hub import HfApi
 

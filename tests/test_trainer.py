@@ -159,7 +159,7 @@ def test_push_to_hub_uploads_the_exported_student_not_a_checkpoint(tmp_path, mon
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
     run_distill.main(tiny_run(tmp_path / "run", None, "--distiller", "vanilla", "--push-to-hub",
                               "--hub_model_id", "someone/digits-vit"))
-    assert calls["repo"] == ("someone/digits-vit", False)
+    assert calls["repo"][0] == "someone/digits-vit"
     assert calls["folder"] == str(tmp_path / "run" / "student")
     assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
     assert 'hf-hub:someone/digits-vit' in (tmp_path / "run" / "student" / "README.md").read_text()
