@@ -79,3 +79,38 @@ def test_reference_training_checkpoint_converts(tmp_path):
         assert float(out[key].detach()) == pytest.approx(value, rel=1e-4), key
     student = load_file(str(tmp_path / "out" / "student.safetensors"))
     assert torch.equal(student["fc.weight"], distiller.student.fc.weight)
+
+
+@needs_golden
+def test_fixtures_of_other_stage_selections_and_hyperparameters(tmp_path):
+    """reference_check builds everything from the fixture's JSON: a fixture with prompts on stages 2 and 4 only,
+    another loss weight and a third sample in each batch loads and checks like the shipped ones."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = GOLDEN / "convnext_to_deit.safetensors"
+    meta = json.loads(source.with_suffix(".json").read_text())
+    state = load_file(str(source))
+    state = {k: v for k, v in state.items() if not k.startswith(("extra.pat.prompt_blocks.0.",
+                                                                  "extra.pat.prompt_blocks.2."))}
+    for x, y in (("input.x1", "input.y1"), ("input.x2", "input.y2")):
+        state[x] = torch.cat([state[x], state[x][:1].flip(-1)])
+        state[y] = torch.cat([state[y], state[y][:1]])
+    meta["args"].update(pat_afp_stage=[2, 4], pat_mse_loss_weight=0.5)
+    meta["batch"] = 3
+    meta["distillers"] = {"pat": meta["distillers"]["pat"]}
+    fixture = tmp_path / "variant.safetensors"
+    save_file(state, str(fixture))
+    fixture.with_suffix(".json").write_text(json.dumps(meta))
+    measured = {c.name: c.ours for c in run_check(fixture, "pat")}
+    assert measured["extra_param_count"] < meta["distillers"]["pat"]["extra_param_count"]
+    record = meta["distillers"]["pat"]
+    for step in ("step1", "step2"):
+        record[step] = {key: measured[f"{step}.{key}"] for key in record[step]}
+    for key in ("step2_logits_sum", "step2_logits_abs_sum", "grad_norm_student", "grad_norm_extra",
+                "extra_param_count"):
+        record[key] = measured[key]
+    record["grad_norm_extra_by_module"] = {name.removeprefix("grad_norm_extra."): value
+                                           for name, value in measured.items() if name.startswith("grad_norm_extra.")}
+    fixture.with_suffix(".json").write_text(json.dumps(meta))
+    assert main([str(fixture)]) == 0
