@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.stages import StageLayer
+from pat_hf.stages import StageLayer, StageOutput
 
 DISTILLERS: dict[str, type[Distiller]] = {}
 
@@ -134,6 +134,11 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher(images)
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> StageOutput:
+        """The frozen teacher's stage features, pooled features and logits (feature distillers)."""
+        return self.teacher_stages(images)
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """The distiller's own trainable modules by top-level name."""

@@ -40,8 +40,7 @@ class Correlation(Distiller):
         if images.shape[0] < 2:
             raise ValueError("--distiller correlation pairs consecutive samples; it needs batches of at least 2")
         student = self.student_stages(images)
-        with torch.no_grad():
-            teacher = self.teacher_stages(images)
+        teacher = self.teacher_features(images)
         congruence = correlation_loss(self.embed_student(student.pooled.flatten(1)),
                                       self.embed_teacher(teacher.pooled.flatten(1)))
         return student.logits, {

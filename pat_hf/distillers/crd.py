@@ -70,8 +70,7 @@ class CRD(Distiller):
         if index is None:
             raise ValueError("--distiller crd needs the batch's 'index' (each example's position in the training set)")
         student = self.student_stages(images)
-        with torch.no_grad():
-            teacher = self.teacher_stages(images)
+        teacher = self.teacher_features(images)
         student_embed = F.normalize(self.embed_student(student.pooled.flatten(1)), dim=1)
         teacher_embed = F.normalize(self.embed_teacher(teacher.pooled.flatten(1)), dim=1)
         index = index.long()

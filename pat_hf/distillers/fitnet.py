@@ -61,8 +61,7 @@ class FitNet(Distiller):
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
                       **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = self.student_stages(images)
-        with torch.no_grad():
-            teacher = self.teacher_stages(images)
+        teacher = self.teacher_features(images)
         hint = sum(F.mse_loss(self.aligners[str(k)](self.student_grids[k].to_map(student.stages[k - 1])),
                               self.teacher_grids[k].to_map(teacher.stages[k - 1]))
                    for k in self.hparams.fitnet_stages)

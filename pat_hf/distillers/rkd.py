@@ -57,8 +57,7 @@ class RKD(Distiller):
         if images.shape[0] < 2:
             raise ValueError("--distiller rkd relates the samples of a batch; it needs batches of at least 2")
         student = self.student_stages(images)
-        with torch.no_grad():
-            teacher = self.teacher_stages(images)
+        teacher = self.teacher_features(images)
         hp = self.hparams
         s, t = student.pooled.flatten(1), teacher.pooled.flatten(1)
         relation = (hp.rkd_distance_weight * rkd_distance_loss(s, t, hp.rkd_squared, hp.rkd_eps)
