@@ -7,13 +7,17 @@ The reference (SPEC) stores a distiller's own modules under its own names (`atte
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from pat_hf.models import remap_legacy_keys
+from pat_hf.models import create_model, read_state_dict, remap_legacy_keys
 
 # (pattern, replacement) pairs applied in order to the keys of each distiller's reference state.
 REFERENCE_RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -96,8 +100,6 @@ def convert_reference_checkpoint(path: str, distiller: str, student: nn.Module) 
     """A reference `checkpoint/*.pth.tar` (timm CheckpointSaver: `state_dict` = the student, `state_dict_ema` =
     the whole distiller, SPEC §1.7) as a pat-hf distiller state: `student.*` in timm 1.x names plus the
     distiller's modules in ours. The frozen teacher is left out, as in pat-hf checkpoints."""
-    from pat_hf.models import read_state_dict
-
     whole = read_state_dict(path, use_ema=True)
     student_state = split_prefixed(whole, "student.")
     if not student_state:  # a file without the distiller's state: the student alone
@@ -112,14 +114,6 @@ def convert_reference_checkpoint(path: str, distiller: str, student: nn.Module) 
 
 def main(argv: list[str] | None = None) -> None:
     """python -m pat_hf.reference CHECKPOINT --distiller NAME --model NAME --num-classes N --output DIR"""
-    import argparse
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from pat_hf.models import create_model
-
     parser = argparse.ArgumentParser(description="Convert a reference (OFA-KD/PAT) training checkpoint: writes "
                                                  "DIR/student.safetensors (timm 1.x names, for --initial-checkpoint "
                                                  "or evaluation) and DIR/distiller.safetensors (pat-hf names).")
