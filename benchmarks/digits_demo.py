@@ -22,9 +22,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import run_distill  # noqa: E402
+from pat_hf import train as pat_train  # noqa: E402
 
-CONFIG = str(ROOT / "configs" / "digits.yaml")
+CONFIG = "digits"  # shipped with the package (pat_hf/configs/digits.yaml)
 TEACHER_EPOCHS = 10
 STUDENT_ROWS = {
     "alone": ("student alone", ["--distiller", "vanilla", "--teacher", ""]),
@@ -47,7 +47,7 @@ def machine() -> str:
 
 def run(name: str, output: Path, flags: list[str]) -> tuple[dict[str, float], float]:
     start = time.perf_counter()
-    metrics = run_distill.main(["--config", CONFIG, "--output_dir", str(output / name), "--report_to", "none",
+    metrics = pat_train.main(["--config", CONFIG, "--output_dir", str(output / name), "--report_to", "none",
                                 "--disable_tqdm", "true", *flags])
     return metrics, (time.perf_counter() - start) / 60
 

@@ -24,6 +24,7 @@ from pat_hf.distillers import DISTILLERS, DistillArguments, get_distiller_class
 from pat_hf.schedule import SCHEDULERS
 
 BASE_KEY = "base"
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
 def _help(text: str, *aliases: str) -> dict:
@@ -240,10 +241,27 @@ def _key_to_dest(types: list[type]) -> dict[str, str]:
     return names
 
 
+def packaged_config_names() -> list[str]:
+    return sorted(str(p.relative_to(PACKAGED_CONFIGS).with_suffix("")) for p in PACKAGED_CONFIGS.rglob("*.yaml"))
+
+
+def resolve_config_path(path: str) -> Path:
+    """A YAML file, or the name of a config shipped inside the package (`cifar/cnn`, `smoke`,
+    `configs/cifar/cnn.yaml`), so that a pip-installed pat-hf finds its recipes from any directory."""
+    if Path(path).is_file():
+        return Path(path)
+    name = path.removeprefix("configs/")
+    packaged = PACKAGED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"config not found: {path} is neither a file nor a shipped config "
+                            f"(e.g. {', '.join(packaged_config_names()[:4])}; see pat_hf/configs)")
+
+
 def read_config(path: str, types: list[type], _included_from: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The defaults a YAML file sets, by field name. A `base: OTHER.yaml` key (relative to the file) reads
     OTHER.yaml first and lets this file's keys override its values; bases may chain."""
-    config_path = Path(path)
+    config_path = resolve_config_path(path) if not _included_from else Path(path)
     if not config_path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     config = yaml.safe_load(config_path.read_text()) or {}

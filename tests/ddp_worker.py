@@ -5,7 +5,7 @@ import sys
 
 from safetensors.torch import save_file
 
-import run_distill
+from pat_hf import train as pat_train
 from pat_hf.trainer import DistillationTrainer
 
 trained = {}
@@ -18,9 +18,9 @@ def train_and_keep(self, *args, **kwargs):
 
 
 DistillationTrainer.train = train_and_keep
-run_distill.main(sys.argv[1:])
+pat_train.main(sys.argv[1:])
 trainer = trained["trainer"]
 rank, world = trainer.args.process_index, trainer.args.world_size
 student = {k: v.contiguous() for k, v in trainer.distiller.student.state_dict().items()}
 save_file(student, os.path.join(trainer.args.output_dir, f"student_rank{rank}_of_{world}.safetensors"))
-run_distill.shutdown()
+pat_train.shutdown()

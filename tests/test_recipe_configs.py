@@ -179,8 +179,18 @@ def test_base_key_chains_and_overrides(tmp_path):
     (["--aug-repeats", "3"], "--aug-repeats needs a distributed run"),
 ])
 def test_bad_recipe_flags_fail_before_writing(tmp_path, flags, message):
-    import run_distill
+    from pat_hf import train as pat_train
 
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
-        run_distill.main(["--output_dir", str(tmp_path / "run"), "--report_to", "none", *DISTILLER, *flags])
+        pat_train.main(["--output_dir", str(tmp_path / "run"), "--report_to", "none", *DISTILLER, *flags])
     assert not (tmp_path / "run").exists()
+
+
+def test_shipped_configs_are_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository: only the package's own copy can be found
+    by_name = parse_arguments(["--config", "cifar/vit_mlp", *DISTILLER])
+    by_path = parse_arguments(["--config", "configs/cifar/vit_mlp.yaml", *DISTILLER])
+    assert by_name.training.learning_rate == by_path.training.learning_rate == pytest.approx(5e-4)
+    assert parse_arguments(["--config", "experiments/cifar100/04_pat_swin_tiny-resnet18"]).distill.distiller == "pat"
+    with pytest.raises(FileNotFoundError, match="config not found: cifar/cnnn is neither a file nor a shipped"):
+        parse_arguments(["--config", "cifar/cnnn", *DISTILLER])

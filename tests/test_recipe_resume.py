@@ -19,8 +19,8 @@ from pat_hf.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, mark
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-# The child runs run_distill.main on one thread, like the test process, so both runs compute alike.
-CHILD = "import sys, torch; torch.set_num_threads(1); import run_distill; run_distill.main(sys.argv[1:])"
+# The child runs pat_train.main on one thread, like the test process, so both runs compute alike.
+CHILD = "import sys, torch; torch.set_num_threads(1); from pat_hf import train; train.main(sys.argv[1:])"
 STEPS_PER_EPOCH = 6  # 48 samples, batch 8
 SAVE_STEPS = 4  # so the second checkpoint (step 8) falls in the middle of epoch 2
 TOTAL_STEPS = 4 * STEPS_PER_EPOCH
@@ -131,38 +131,38 @@ def resume_argv(output_dir: Path, *extra: str) -> list[str]:
 
 
 def test_resume_without_checkpoint_fails_before_writing(tmp_path):
-    import run_distill
+    from pat_hf import train as pat_train
 
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        run_distill.main(resume_argv(tmp_path / "run", "--resume"))
+        pat_train.main(resume_argv(tmp_path / "run", "--resume"))
     assert not (tmp_path / "run").exists()
 
     fake_checkpoint(tmp_path / "run", 4, None)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        run_distill.main(resume_argv(tmp_path / "run", "--resume"))
+        pat_train.main(resume_argv(tmp_path / "run", "--resume"))
     with pytest.raises(ValueError, match="is incomplete"):
-        run_distill.main(resume_argv(tmp_path / "run", "--resume_from_checkpoint", str(tmp_path / "run/checkpoint-4")))
+        pat_train.main(resume_argv(tmp_path / "run", "--resume_from_checkpoint", str(tmp_path / "run/checkpoint-4")))
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
-        run_distill.main(resume_argv(tmp_path / "run"))
+        pat_train.main(resume_argv(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("change", [["--distiller", "kd", "--teacher", "test_resnet"], ["--model", "test_vit"]])
 def test_resume_into_another_run_fails_before_writing(tmp_path, change):
-    import run_distill
+    from pat_hf import train as pat_train
 
     run = tmp_path / "run"
     fake_checkpoint(run, 4, IDENTITY)
     (run / "args.yaml").write_text(yaml.safe_dump({"model": IDENTITY}))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="belongs to another run"):
-        run_distill.main([*resume_argv(run, "--resume"), *change])
+        pat_train.main([*resume_argv(run, "--resume"), *change])
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_resume_at_an_epoch_end_that_was_followed_by_evaluation(tmp_path):
     """The checkpoint at step 4 is written before that epoch's evaluation: the resumed run does not evaluate
     there, yet must train exactly as the uninterrupted run (evaluation leaves the generators untouched)."""
-    import run_distill
+    from pat_hf import train as pat_train
 
     def argv(output_dir: Path) -> list[str]:
         return [*resume_argv(output_dir), "--img-size", "32", "--batch-size", "8", "--max_train_samples", "32",
@@ -170,9 +170,9 @@ def test_resume_at_an_epoch_end_that_was_followed_by_evaluation(tmp_path):
                 "--save_strategy", "steps", "--save_steps", "4", "--save_total_limit", "3", "--model-ema",
                 "--disable_tqdm", "true"]
 
-    run_distill.main(argv(tmp_path / "straight"))
+    pat_train.main(argv(tmp_path / "straight"))
     shutil.copytree(tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
-    run_distill.main([*argv(tmp_path / "resumed"), "--resume"])
+    pat_train.main([*argv(tmp_path / "resumed"), "--resume"])
     for name in ("model.safetensors", "ema.safetensors"):
         assert_same_tensors(tmp_path / "straight" / "checkpoint-8" / name, tmp_path / "resumed" / "checkpoint-8" / name)
     with open(tmp_path / "resumed" / "summary.csv") as f:

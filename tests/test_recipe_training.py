@@ -17,8 +17,8 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from torch.utils.data import BatchSampler
 from transformers import TrainerCallback, TrainingArguments
 
-import run_distill
 from pat_hf import evaluate as evaluate_cli
+from pat_hf import train as pat_train
 from pat_hf.arguments import RecipeArguments
 from pat_hf.distillers import DistillArguments, DistillContext, get_distiller_class
 from pat_hf.distillers.pat import PATArguments
@@ -77,7 +77,7 @@ SCHEDULE_CASES = {
 def test_learning_rate_is_timms_value_at_every_step(tmp_path, case):
     flags, epochs, expected = SCHEDULE_CASES[case]
     recorder = RecordLearningRates()
-    run_distill.main([*flags, *STUDENT_ONLY, *TINY, "--max_train_samples", "32", "--eval_strategy", "no",
+    pat_train.main([*flags, *STUDENT_ONLY, *TINY, "--max_train_samples", "32", "--eval_strategy", "no",
                       "--save_strategy", "no", "--output_dir", str(tmp_path)], callbacks=[recorder])
     expected = expected()
     assert len(recorder.rates) == epochs * 4 == len(expected)
@@ -135,7 +135,7 @@ class RecordForward(TrainerCallback):
 
 def test_amp_is_bf16_autocast_on_cpu_and_channels_last_reaches_the_forward(tmp_path):
     recorder = RecordForward()
-    run_distill.main([*STUDENT_ONLY, *TINY, "--amp", "--channels-last", "--max_steps", "2", "--eval_strategy", "no",
+    pat_train.main([*STUDENT_ONLY, *TINY, "--amp", "--channels-last", "--max_steps", "2", "--eval_strategy", "no",
                       "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(tmp_path)],
                      callbacks=[recorder])
     training = recorder.seen[:2]
@@ -153,7 +153,7 @@ def ema_run(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     torch.manual_seed(0)
     save_file(timm.create_model("test_convnext", num_classes=10).state_dict(), str(root / "teacher.safetensors"))
     output_dir = root / "run"
-    metrics = run_distill.main([
+    metrics = pat_train.main([
         "--model", "test_vit", "--model_kwargs", '{"img_size": 32, "patch_size": 4}', "--teacher", "test_convnext",
         "--teacher-pretrained", str(root / "teacher.safetensors"), "--distiller", "kd", "--num-classes", "10",
         "--img-size", "32", "--batch-size", "8", "--max_train_samples", "32", "--max_eval_samples", "24",

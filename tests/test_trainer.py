@@ -1,4 +1,4 @@
-"""The DistillationTrainer and run_distill.py end to end, on tiny models and the digits data."""
+"""The DistillationTrainer and pat_hf.train end to end, on tiny models and the digits data."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import run_distill
+from pat_hf import train as pat_train
 from pat_hf.arguments import parse_arguments
 from pat_hf.distillers import DistillArguments, DistillContext
 from pat_hf.distillers.kd import KD
@@ -22,7 +22,7 @@ def teacher_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kd_run(tmp_path_factory, teacher_file):
     output = tmp_path_factory.mktemp("kd_run")
-    metrics = run_distill.main(tiny_run(output, teacher_file, "--distiller", "kd", "--kd-temperature", "2"))
+    metrics = pat_train.main(tiny_run(output, teacher_file, "--distiller", "kd", "--kd-temperature", "2"))
     return output, metrics
 
 
@@ -87,7 +87,7 @@ def test_weight_decay_skips_biases_and_norms():
 
 
 def test_student_alone_without_teacher(tmp_path):
-    metrics = run_distill.main(tiny_run(tmp_path, None, "--distiller", "vanilla"))
+    metrics = pat_train.main(tiny_run(tmp_path, None, "--distiller", "vanilla"))
     assert "eval_top1" in metrics
 
 
@@ -103,7 +103,7 @@ def test_student_alone_without_teacher(tmp_path):
 def test_bad_input_fails_before_anything_is_written(tmp_path, flags, message):
     output = tmp_path / "run"
     with pytest.raises((ValueError, FileNotFoundError)) as error:
-        run_distill.main(tiny_run(output, None, "--distiller", "vanilla") + flags)
+        pat_train.main(tiny_run(output, None, "--distiller", "vanilla") + flags)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not output.exists()
 
@@ -112,13 +112,13 @@ def test_class_count_mismatch_fails_before_anything_is_written(tmp_path):
     teacher = save_teacher(tmp_path, num_classes=100)
     output = tmp_path / "run"
     with pytest.raises(ValueError, match="100-class classifier but the model has 10 classes"):
-        run_distill.main(tiny_run(output, teacher, "--distiller", "kd"))
+        pat_train.main(tiny_run(output, teacher, "--distiller", "kd"))
     assert not output.exists()
 
 
 def test_an_earlier_run_is_not_overwritten(kd_run, teacher_file):
     with pytest.raises(FileExistsError, match="already holds checkpoints; pass --resume"):
-        run_distill.main(tiny_run(kd_run[0], teacher_file, "--distiller", "kd"))
+        pat_train.main(tiny_run(kd_run[0], teacher_file, "--distiller", "kd"))
 
 
 def test_exported_student_loads_in_timm_and_transformers_with_equal_logits(kd_run):
@@ -157,7 +157,7 @@ def test_push_to_hub_uploads_the_exported_student_not_a_checkpoint(tmp_path, mon
             return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
-    run_distill.main(tiny_run(tmp_path / "run", None, "--distiller", "vanilla", "--push-to-hub",
+    pat_train.main(tiny_run(tmp_path / "run", None, "--distiller", "vanilla", "--push-to-hub",
                               "--hub_model_id", "someone/digits-vit"))
     assert calls["repo"][0] == "someone/digits-vit"
     assert calls["folder"] == str(tmp_path / "run" / "student")

@@ -1,11 +1,11 @@
-"""run_distill.py with every distiller lowers the training loss over 20 CPU steps on a tiny ResNet -> ConvNeXt
+"""pat_hf.train with every distiller lowers the training loss over 20 CPU steps on a tiny ResNet -> ConvNeXt
 pair (a ViT trained from scratch barely moves in 20 steps, whatever the distiller)."""
 
 import json
 
 import pytest
 
-import run_distill
+from pat_hf import train as pat_train
 from tests.helpers import tiny_run
 
 SMALL_HEADS = ["--pat-raa-dim", "32", "--pat-raa-num-queries", "16", "--crd-k", "64", "--crd-feat-dim", "16",
@@ -26,13 +26,13 @@ def short_run(output, teacher, *flags):
 def teacher_file(tmp_path_factory):
     """A teacher that has seen the data: relational and feature targets of a random network are noise."""
     output = tmp_path_factory.mktemp("teacher")
-    run_distill.main(short_run(output, None, "--distiller", "vanilla", "--model", "test_resnet"))
+    pat_train.main(short_run(output, None, "--distiller", "vanilla", "--model", "test_resnet"))
     return str(output / "student" / "model.safetensors")
 
 
 @pytest.mark.parametrize("flags", DISTILLERS, ids=["-".join(f[1::2]) for f in DISTILLERS])
 def test_twenty_steps_lower_the_loss(tmp_path, teacher_file, flags):
-    run_distill.main(short_run(tmp_path, teacher_file, *flags, *SMALL_HEADS))
+    pat_train.main(short_run(tmp_path, teacher_file, *flags, *SMALL_HEADS))
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 10  # 4 epochs of 5 steps, one log every 2 steps
