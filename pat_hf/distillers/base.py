@@ -57,7 +57,7 @@ class DistillContext:
 
     input_size: tuple[int, int, int]
     num_classes: int
-    # Class index of every training example, in dataset order (CRD draws its negatives from it).
+    # Class index of every training example, in dataset order, for distillers with `needs_train_labels`.
     train_labels: torch.Tensor | None = None
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
 
@@ -96,6 +96,8 @@ class Distiller(nn.Module):
     requires_teacher: ClassVar[bool] = True
     # Keys of the batch, besides pixel_values and labels, that forward_train consumes (CRD's sample indices).
     batch_keys: ClassVar[tuple[str, ...]] = ()
+    # Whether the DistillContext must carry the training set's labels (CRD draws its negatives from them).
+    needs_train_labels: ClassVar[bool] = False
     # Tells the Trainer that `forward` returns a per-batch mean loss it must not rescale.
     accepts_loss_kwargs = False
 
