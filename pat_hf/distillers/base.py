@@ -27,6 +27,9 @@ def register_distiller(name: str):
         if name in DISTILLERS:
             raise ValueError(f"distiller {name!r} is registered twice")
         cls.name = name
+        if cls.Arguments is not None:
+            # HfArgumentParser lists a dataclass with this attribute under its own heading in --help.
+            cls.Arguments._argument_group_name = f"--distiller {name}"
         DISTILLERS[name] = cls
         return cls
 
