@@ -153,8 +153,9 @@ class DistillTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata=_help("when to checkpoint: no | steps | epoch"))
     save_total_limit: int | None = field(default=2, metadata=_help("checkpoints kept", "--checkpoint-hist"))
     report_to: str = field(default="tensorboard", metadata=_help("tensorboard | none | wandb | ..."))
-    # The reference keeps the best of the raw and EMA students over all evaluations (SPEC §1.7); eval_max_top1
-    # is the higher of the two at one evaluation, and its best checkpoint is spared by the rotation.
+    # The reference keeps the best of the raw and EMA students over all evaluations (docs/REFERENCE.md,
+    # Recipe); eval_max_top1 is the higher of the two at one evaluation, and its best checkpoint is spared by the
+    # rotation.
     metric_for_best_model: str | None = field(default="max_top1", metadata=_help(
         "metric whose best checkpoint is kept (max_top1: the higher of raw and EMA top-1)"))
     remove_unused_columns: bool = field(default=False, metadata=_help("keep False: transforms need raw columns"))

@@ -1,8 +1,9 @@
 """Reading the reference implementation's state: its distiller modules and its timm 0.6.5 model weights.
 
-The reference (SPEC) stores a distiller's own modules under its own names (`attention_blending.projector_s`,
-`fb_aligner.mlp_d`, ...). `convert_distiller_state` renames them onto ours, so a user holding a reference
-`checkpoint/` file, or a fixture in ../shared/golden, can load it into a pat-hf distiller.
+The reference (docs/REFERENCE.md) stores a distiller's own modules under its own names
+(`attention_blending.projector_s`, `fb_aligner.mlp_d`, ...). `convert_distiller_state` renames them onto ours, so
+a user holding a reference `checkpoint/` file, or a fixture in ../shared/golden, can load it into a pat-hf
+distiller.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def load_reference_distiller_state(module: nn.Module, distiller: str, state: Map
 
 def convert_reference_checkpoint(path: str, distiller: str, student: nn.Module) -> dict[str, torch.Tensor]:
     """A reference `checkpoint/*.pth.tar` (timm CheckpointSaver: `state_dict` = the student, `state_dict_ema` =
-    the whole distiller, SPEC §1.7) as a pat-hf distiller state: `student.*` in timm 1.x names plus the
-    distiller's modules in ours. The frozen teacher is left out, as in pat-hf checkpoints."""
+    the whole distiller, docs/REFERENCE.md, Checkpoints) as a pat-hf distiller state: `student.*` in timm 1.x
+    names plus the distiller's modules in ours. The frozen teacher is left out, as in pat-hf checkpoints."""
     whole = read_state_dict(path, use_ema=True)
     student_state = split_prefixed(whole, "student.")
     if not student_state:  # a file without the distiller's state: the student alone

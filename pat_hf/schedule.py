@@ -1,7 +1,8 @@
 """timm's optimizers and learning-rate schedules, driven by the Trainer the way the reference's train.py drives them.
 
 The reference builds its scheduler with timm (`create_scheduler`) and calls `step(epoch + 1)` after every
-epoch, so the rate is constant within an epoch: during epoch e it is the schedule's value at e (SPEC §1.5).
+epoch, so the rate is constant within an epoch: during epoch e it is the schedule's value at e
+(docs/REFERENCE.md, Recipe).
 The Trainer instead calls `lr_scheduler.step()` after every optimizer update; `TimmLRSchedule` turns those
 calls back into timm's `step(epoch)` (once per epoch) or, with `--sched-on-updates`, `step_update(updates)`.
 """

@@ -30,14 +30,16 @@ def vit(**kw):
     ("swin_tiny_patch4_window7_224", "resnet18", {}, 38_521_997),
 ])
 def test_extra_parameters_match_the_reference_at_full_size(teacher, student, kwargs, extra):
-    """SPEC §3.10: ConvNeXt-T -> DeiT-T adds 14,475,236 trainable parameters, Swin-T -> ResNet18 38,521,997."""
+    """docs/REFERENCE.md, PAT: ConvNeXt-T -> DeiT-T adds 14,475,236 trainable parameters, Swin-T -> ResNet18
+    38,521,997."""
     distiller = PAT(create_model(student, 100), create_model(teacher, 100), DistillArguments(distiller="pat"),
                     PATArguments(), DistillContext((3, 224, 224), 100))
     assert sum(p.numel() for p in distiller.extra_parameters()) == extra
 
 
 def test_reference_mode_scrambles_a_sequence_teacher_even_with_zero_prompts():
-    """SPEC §6.1: with beta = 0 the reference's prompted ViT differs from the plain one; ours does not."""
+    """docs/REFERENCE.md, Quirks: with beta = 0 the reference's prompted ViT differs from the plain one; ours
+    does not."""
     teacher, student = vit(), create_model("test_resnet", 10)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     losses = {}
@@ -68,11 +70,11 @@ def test_corrected_prompt_keeps_the_class_token_first_and_varies_over_space():
     reference.beta.data.fill_(1.0)
     grid_in = x[:, :16].transpose(1, 2)  # (B, C, L): the reference's map of the first 16 tokens
     grid_out = reference(x)[:, :16].reshape(2, 8, 16)  # undo its reshape back to tokens
-    assert (grid_out - grid_in).std(dim=2).max() < 1e-6  # the reference's prompt is constant over space (§6.4)
+    assert (grid_out - grid_in).std(dim=2).max() < 1e-6  # the reference's prompt is constant over space (Quirks)
 
 
 def test_reference_positional_encoding_depends_on_batch_position():
-    """SPEC §6.3: the reference indexes the encoding by the sample's place in the batch."""
+    """docs/REFERENCE.md, Quirks: the reference indexes the encoding by the sample's place in the batch."""
     grids = [FeatureGrid.of((8, 8, 8), SIZE_32)] * 4
     features = [torch.randn(3, 8, 8, 8) for _ in range(4)]
     swapped = [f[[1, 0, 2]] for f in features]
