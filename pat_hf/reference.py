@@ -1,13 +1,13 @@
 """Reading the reference implementation's state: its distiller modules and its timm 0.6.5 model weights.
 
-The reference (SPEC) stores a distiller's own modules under its own names (`attention_blending.projector_s`,
-`fb_aligner.mlp_d`, ...). `convert_distiller_state` renames them onto ours, so a user holding a reference
-`checkpoint/` file, or a fixture in ../shared/golden, can load it into a pat-hf distiller. Most distillers need
-renames only; CRD also splits the memory's `params` buffer, and FitNet regroups its aligners' weights, which
-needs the pair's pat-hf FitNet (its aligner kinds follow both models' stage layouts).
+The reference (docs/REFERENCE.md) stores a distiller's own modules under its own names
+(`attention_blending.projector_s`, `fb_aligner.mlp_d`, ...). `convert_distiller_state` renames them onto ours, so a
+user holding a reference `checkpoint/` file, or a fixture in ../shared/golden, can load it into a pat-hf distiller.
+Most distillers need renames only; CRD also splits the memory's `params` buffer, and FitNet regroups its aligners'
+weights, which needs the pair's pat-hf FitNet (its aligner kinds follow both models' stage layouts).
 
-Reference names and layouts not written in SPEC were read from the public sources: CRD from OFA-KD's
-`distillers/crd.py` (Hao840/OFAKD, unchanged in PAT per SPEC §1.12), whose `Embed`/`ContrastMemory` follow
+Reference names and layouts not written in docs/REFERENCE.md were read from the public sources: CRD from OFA-KD's
+`distillers/crd.py` (Hao840/OFAKD, unchanged in PAT: docs/REFERENCE.md, Sources), whose `Embed`/`ContrastMemory` follow
 HobbitLong/RepDistiller `crd/memory.py`; FitNet from PAT's rewritten `distillers/fitnet.py` and
 `distillers/utils.py` (`TokenFilter`, `MyPatchMerging`, `Unpatchify`; jimmylin0979/PAT).
 """
@@ -135,7 +135,7 @@ def _reference_fitnet_aligner(stage: int, student, teacher) -> _ReferenceAligner
     """The reference FitNet's aligner for one stage, chosen from the two grids as its constructor chose it.
 
     The reference decides on token counts with the class token kept (timm 0.6.5 has no `num_tokens`); where it
-    ran at all, that decision equals this one on the grids without prefix tokens (SPEC §2, §6.10)."""
+    ran at all, that decision equals this one on the grids without prefix tokens (docs/REFERENCE.md, Distillers)."""
     pair = (f"{'sequence' if student.is_sequence else 'CNN'} student {student.height}x{student.width} -> "
             f"{'sequence' if teacher.is_sequence else 'CNN'} teacher {teacher.height}x{teacher.width}")
     where = f"reference fitnet stage {stage} ({pair})"
@@ -267,10 +267,11 @@ def convert_reference_checkpoint(whole: Mapping[str, torch.Tensor], distiller: s
                                  teacher: nn.Module | None = None,
                                  input_size: tuple[int, int, int] = (3, 224, 224)) -> dict[str, torch.Tensor]:
     """The state of a reference `checkpoint/*.pth.tar` (timm CheckpointSaver: `state_dict` = the student,
-    `state_dict_ema` = the whole distiller, SPEC §1.7; read with `read_state_dict(path, use_ema=True)`) as a
-    pat-hf distiller state: `student.*` in timm 1.x names plus the distiller's modules in ours. The frozen
-    teacher is left out, as in pat-hf checkpoints; FitNet needs its architecture (`teacher`) and the run's
-    `input_size`, which decide its aligners' layout."""
+    `state_dict_ema` = the whole distiller, docs/REFERENCE.md, Checkpoints;
+    read with `read_state_dict(path, use_ema=True)`) as a
+    pat-hf distiller state: `student.*` in timm 1.x names plus the distiller's modules in ours. The frozen teacher
+    is left out, as in pat-hf checkpoints; FitNet needs its architecture (`teacher`) and the run's `input_size`,
+    which decide its aligners' layout."""
     student_state = split_prefixed(whole, "student.")
     if not student_state:  # a file without the distiller's state: the student alone
         student_state, whole = whole, {}

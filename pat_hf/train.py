@@ -40,6 +40,7 @@ from pat_hf.data import (
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
 from pat_hf.hub import ModelCardInfo, export_student, push_student
+from pat_hf.memory_format import MemoryFormat
 from pat_hf.metrics import TopkMetrics, top_k_indices
 from pat_hf.models import create_model, create_teacher, load_weights
 from pat_hf.trainer import DistillationTrainer
@@ -103,12 +104,12 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     batch_size = args.training.per_device_train_batch_size
     mixup = build_mixup(args.data, num_classes, batch_size)
     distiller_cls = get_distiller_class(args.distill.distiller)
+    train_labels = torch.tensor(train_set["label"]) if distiller_cls.needs_train_labels else None
     context = DistillContext(input_size=tuple(data_config["input_size"]), num_classes=num_classes,
-                             train_labels=torch.tensor(train_set["label"]),
+                             train_labels=train_labels,
                              criterion=build_criterion(args.data, bce_loss=args.data.bce_loss))
-    distiller = distiller_cls(student, teacher, args.distill, args.hparams, context)
-    if args.recipe.channels_last:
-        distiller.to(memory_format=torch.channels_last)
+    memory_format = MemoryFormat(args.recipe.channels_last)
+    distiller = memory_format.apply(distiller_cls(student, teacher, args.distill, args.hparams, context))
     callbacks = list(callbacks or [])
     ema = ModelEmaCallback(distiller.student, args.recipe.model_ema_decay) if args.recipe.model_ema else None
     if ema is not None:
@@ -144,9 +145,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             dataset=args.data.dataset, hyperparameters=args.distiller_hyperparameters(),
             recipe=args.recipe_summary(),
             metrics={k: v for k, v in metrics.items() if k.startswith(("eval_top", "eval_ema_top"))})
-        exported = ema.named_models()[0][1] if args.recipe.export_ema else distiller.student
-        if args.recipe.channels_last:
-            exported.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
+        exported = memory_format.for_export(ema.named_models()[0][1] if args.recipe.export_ema else distiller.student)
         student_dir = export_student(
             exported, os.path.join(args.training.output_dir, "student"),
             model_kwargs=args.model.model_kwargs, data_config=data_config,

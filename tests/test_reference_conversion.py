@@ -1,10 +1,11 @@
 """Reference FitNet and CRD states convert onto pat-hf's modules and compute what the reference computed.
 
-No reference fixture pins FitNet or CRD, so these tests build states in the reference's names and layouts
-(PAT's distillers/fitnet.py and utils.py; OFA-KD's distillers/crd.py, RepDistiller's ContrastMemory), convert
-them, and compare pat-hf's losses with the reference's computation written out here from SPEC §2: each
-reference aligner applied in its own layout (MyPatchMerging's and Unpatchify's groupings explicitly), CRD's
-NCE against the memory banks and their momentum update. A wrong regrouping of any aligner changes the loss.
+No reference fixture pins FitNet or CRD, so these tests build states in the reference's names and layouts (PAT's
+distillers/fitnet.py and utils.py; OFA-KD's distillers/crd.py, RepDistiller's ContrastMemory), convert them, and
+compare pat-hf's losses with the reference's computation written out here from the formulas in docs/REFERENCE.md,
+Distillers: each reference aligner applied in its own layout (MyPatchMerging's and Unpatchify's groupings
+explicitly), CRD's NCE against the memory banks and their momentum update. A wrong regrouping of any aligner changes
+the loss.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def is_square(n: int) -> bool:
     return math.isqrt(n) ** 2 == n
 
 
-# ---- the reference FitNet, written out from SPEC §2 ------------------------------------------------------
+# ---- the reference FitNet, written out from docs/REFERENCE.md ----------------------------------------------------
 
 def drop_first_if_not_square(x: torch.Tensor) -> torch.Tensor:
     """FitNet.forward: a token count that is not a perfect square loses its first token."""
@@ -207,7 +208,7 @@ def test_reference_fitnet_refuses_what_a_grid_aligner_cannot_express():
         convert_distiller_state("fitnet", other, build_fitnet(model("resnet"), model("convnext", 1), [1]))
 
 
-# ---- the reference CRD, written out from SPEC §2 ---------------------------------------------------------
+# ---- the reference CRD, written out from docs/REFERENCE.md -------------------------------------------------------
 
 NUM_TRAIN = 16
 TRAIN_LABELS = torch.arange(NUM_TRAIN) % 5
@@ -243,8 +244,8 @@ def reference_crd_state(student_dim: int, teacher_dim: int, normalisers=(-1.0, -
 
 
 class ReferenceCRD:
-    """SPEC §2's CRD on reference-format tensors: memory_v1 is the student's bank, memory_v2 the teacher's;
-    params [K, T, Z_v1, Z_v2, m], Z_v1 for the student embedding's scores."""
+    """The reference CRD (docs/REFERENCE.md, Distillers) on reference-format tensors: memory_v1 is the student's
+    bank, memory_v2 the teacher's; params [K, T, Z_v1, Z_v2, m], Z_v1 for the student embedding's scores."""
 
     def __init__(self, state: dict, student, teacher):
         self.w = {key: value.clone().requires_grad_(key.startswith("embed")) for key, value in state.items()}

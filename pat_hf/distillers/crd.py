@@ -50,6 +50,7 @@ class CRD(Distiller):
     Arguments = CRDArguments
     requires_stages = True
     batch_keys = ("index",)
+    needs_train_labels = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
                  hparams: CRDArguments, context: DistillContext):
