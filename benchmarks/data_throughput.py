@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
-from benchmarks.machine import cpu_name  # noqa: E402
+from benchmarks.reporting import cpu_name, write_report  # noqa: E402
 from pat_hf.arguments import parse_arguments  # noqa: E402
 from pat_hf.data import (  # noqa: E402
     MixupCollator,
@@ -82,11 +82,10 @@ def write_synthetic_folder(root: Path, num_images: int, num_classes: int = 10, s
 
 
 def training_loader(data_dir: Path, recipe: str, workers: int, batch_size: int, num_batches: int,
-                    model: str, max_images: int | None) -> DataLoader:
+                    model: str) -> DataLoader:
     """The training images of `data_dir` with `recipe`'s transform and collate, sampled with replacement
     so that any folder gives `num_batches` batches."""
     args = parse_arguments(["--config", f"imagenet/{recipe}", "--dataset", str(data_dir), "--val-split", "train",
-                            "--max-train-samples", str(max_images or 0) if max_images else "0",
                             "--batch-size", str(batch_size), "--model", model])
     train_set, _, source = load_splits(args.data)
     num_classes = num_classes_of(train_set)
@@ -174,8 +173,7 @@ def main(argv: list[str] | None = None) -> str:
         results = []
         for recipe in args.recipes:
             for workers in args.workers:
-                loader = training_loader(data_dir, recipe, workers, args.batch_size, args.batches + 1, args.model,
-                                         None)
+                loader = training_loader(data_dir, recipe, workers, args.batch_size, args.batches + 1, args.model)
                 results.append(Throughput(recipe, workers, measure(loader, args.batches)))
                 print(f"{recipe}, {workers} workers: {results[-1].images_per_second:,.1f} images/s",
                       file=sys.stderr)
@@ -185,10 +183,7 @@ def main(argv: list[str] | None = None) -> str:
     text = report(results, args.target_images_per_second, description)
     print(text)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.output.with_name(args.output.name + ".partial")
-        partial.write_text(text)
-        os.replace(partial, args.output)
+        write_report(args.output, text)
     return text
 
 

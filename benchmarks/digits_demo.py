@@ -21,7 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.reporting import describe_machine  # noqa: E402
 from pat_hf import train as pat_train  # noqa: E402
 
 CONFIG = "digits"  # shipped with the package (pat_hf/configs/digits.yaml)

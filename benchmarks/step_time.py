@@ -49,7 +49,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import TorchDynamoPlugin  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.reporting import describe_machine, write_report  # noqa: E402
 from pat_hf.arguments import RecipeArguments  # noqa: E402
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class  # noqa: E402
 from pat_hf.models import create_model  # noqa: E402
@@ -477,13 +477,6 @@ def selected_pairs(args: argparse.Namespace) -> list[Pair]:
     return [pair.resized(args.img_size) for pair in pairs]
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print the Markdown report and return it."""
     args = parse_args(argv)
@@ -492,11 +485,15 @@ def main(argv: list[str] | None = None) -> str:
     settings = settings_from(args)
     pairs = selected_pairs(args)
     accelerator = make_accelerator(settings)
-    tables = [benchmark_pair(pair, args.distillers, settings, accelerator) for pair in pairs]
-    report = "\n\n".join([report_header(settings, {pair.img_size for pair in pairs}), *tables]) + "\n"
+    header = report_header(settings, {pair.img_size for pair in pairs})
+    tables = []
+    for pair in pairs:
+        tables.append(benchmark_pair(pair, args.distillers, settings, accelerator))
+        report = "\n\n".join([header, *tables]) + "\n"
+        if args.output:
+            # After every pair, so that a run stopped by a time limit still leaves the pairs it measured.
+            write_report(args.output, report)
     print(report)
-    if args.output:
-        write_atomically(args.output, report)
     return report
 
 

@@ -1,4 +1,4 @@
-"""One line naming the machine a benchmark ran on, for the tables the benchmarks print."""
+"""What the benchmarks' reports share: a line naming the machine, and writing a report file."""
 
 from __future__ import annotations
 
@@ -25,3 +25,11 @@ def describe_machine(device: str | None = None) -> str:
     if on_cuda:
         return torch.cuda.get_device_name(torch.device(device) if device else None)
     return f"{cpu_name()}, {os.cpu_count()} CPU cores"
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write `text` to `path` (making its folder) so that the file is either absent or complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
