@@ -123,6 +123,7 @@ class Settings:
     lr: float
     weight_decay: float
     hparams: dict[str, Any]
+    rounds: int = 1
     profile_steps: int = 0
 
     @property
@@ -133,18 +134,30 @@ class Settings:
         layout = ", channels-last" if self.channels_last else ""
         compiled = ", torch.compile" if self.compile else ""
         return (f"batch {self.batch_size}, {self.precision}{layout}{compiled}, {self.num_classes} classes, "
-                f"timm {self.opt}, median of {self.timed_steps} steps after {self.warmup_steps} warm-up")
+                f"timm {self.opt}, median of {self.rounds} × {self.timed_steps} steps (rounds of every row in turn, "
+                f"each after {self.warmup_steps} warm-up)")
 
 
 @dataclass
 class Measurement:
-    """One measured row: a distiller's step or a floor component."""
+    """One measured row: a distiller's step or a floor component, over one or more rounds."""
 
     name: str
-    seconds: float | None = None
+    durations: list[float] = field(default_factory=list)
     peak_memory_bytes: int | None = None
     extra_params: int | None = None
     error: str | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        return statistics.median(self.durations) if self.durations else None
+
+    def merge(self, other: Measurement) -> None:
+        """Take in another round's measurement of the same row."""
+        self.durations += other.durations
+        peaks = [p for p in (self.peak_memory_bytes, other.peak_memory_bytes) if p is not None]
+        self.peak_memory_bytes = max(peaks) if peaks else None
+        self.error = self.error or other.error
 
 
 # ---- building what training builds ----
@@ -220,7 +233,8 @@ def measuring(measurement: Measurement, settings: Settings, accelerator: Acceler
     try:
         yield
     except Exception as error:  # noqa: BLE001  (any failure is reported in the table)
-        measurement.error = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+        first_line = next(iter(str(error).splitlines()), "")[:160]
+        measurement.error = f"{type(error).__name__}: {first_line}"
     finally:
         accelerator.free_memory()
     if settings.on_cuda:
@@ -240,8 +254,10 @@ def random_batch(settings: Settings, img_size: int, device: torch.device, num_ex
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def measure_distiller(name: str, pair: Pair, settings: Settings, accelerator: Accelerator) -> Measurement:
-    """Median training-step time of `name` on `pair`, through accelerate's prepared model and optimizer."""
+def measure_distiller(name: str, pair: Pair, settings: Settings, accelerator: Accelerator,
+                      profile: bool = False) -> Measurement:
+    """Training-step times of `name` on `pair`, through accelerate's prepared model and optimizer; with
+    `profile`, a profile of settings.profile_steps more steps is printed."""
     measurement = Measurement(name)
     with measuring(measurement, settings, accelerator):
         student, teacher = create_pair_models(pair, settings.num_classes)
@@ -263,8 +279,8 @@ def measure_distiller(name: str, pair: Pair, settings: Settings, accelerator: Ac
             optimizer.step()
             optimizer.zero_grad()
 
-        measurement.seconds = statistics.median(time_steps(step, settings))
-        if settings.profile_steps:
+        measurement.durations = time_steps(step, settings)
+        if profile and settings.profile_steps:
             print_profile(f"{pair.label}: {name}", step, distiller, settings)
     return measurement
 
@@ -293,7 +309,7 @@ def measure_teacher(pair: Pair, settings: Settings, accelerator: Accelerator) ->
     for name, step in ((TEACHER_FORWARD, forward), (TEACHER_BACKWARD, forward_backward)):
         measurement = Measurement(name)
         with measuring(measurement, settings, accelerator):
-            measurement.seconds = statistics.median(time_steps(step, settings))
+            measurement.durations = time_steps(step, settings)
         measurements.append(measurement)
     return measurements
 
@@ -397,15 +413,28 @@ def pair_table(pair_label: str, batch_size: int, floors: list[Measurement], rows
     return "\n".join(lines)
 
 
+def measure_round(pair: Pair, distillers: list[str], settings: Settings, accelerator: Accelerator,
+                  profile: bool) -> list[Measurement]:
+    """Every row once: the student's step (vanilla), the teacher's two passes, then the other distillers."""
+    vanilla = measure_distiller("vanilla", pair, settings, accelerator, profile and "vanilla" in distillers)
+    student_step = Measurement(STUDENT_STEP, list(vanilla.durations), vanilla.peak_memory_bytes, error=vanilla.error)
+    others = [measure_distiller(name, pair, settings, accelerator, profile) for name in distillers if name != "vanilla"]
+    return [vanilla, student_step, *measure_teacher(pair, settings, accelerator), *others]
+
+
 def benchmark_pair(pair: Pair, distillers: list[str], settings: Settings, accelerator: Accelerator) -> str:
-    rows = {"vanilla": measure_distiller("vanilla", pair, settings, accelerator)}
-    floors = [Measurement(STUDENT_STEP, rows["vanilla"].seconds, rows["vanilla"].peak_memory_bytes,
-                          error=rows["vanilla"].error)]
-    floors += measure_teacher(pair, settings, accelerator)
+    """The pair's table. With several rounds every row is measured once per round, in turn, so that other work
+    on a shared machine slows all rows alike rather than whichever ran at the time."""
+    rows: dict[str, Measurement] = {}
+    for round_index in range(settings.rounds):
+        for measurement in measure_round(pair, distillers, settings, accelerator, profile=round_index == 0):
+            if measurement.name in rows:
+                rows[measurement.name].merge(measurement)
+            else:
+                rows[measurement.name] = measurement
     for name in distillers:
-        if name not in rows:
-            rows[name] = measure_distiller(name, pair, settings, accelerator)
         print(f"{pair.label}: {name} {rows[name].error or format_ms(rows[name].seconds)}", file=sys.stderr)
+    floors = [rows[name] for name in (STUDENT_STEP, TEACHER_FORWARD, TEACHER_BACKWARD)]
     return pair_table(pair.label, settings.batch_size, floors, [rows[name] for name in distillers])
 
 
@@ -442,6 +471,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) through accelerate")
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: 5 on a GPU, 1 on the CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 15 on a GPU, 3 on the CPU)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every row this many times in turn (steadier on a shared machine)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--opt", default="sgd", help="timm optimizer name, as --opt of training")
@@ -464,7 +495,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     precision=args.precision, channels_last=args.channels_last, compile=args.compile,
                     warmup_steps=args.warmup_steps if args.warmup_steps is not None else (5 if on_cuda else 1),
                     timed_steps=args.steps or (15 if on_cuda else 3), num_classes=args.num_classes, opt=args.opt,
-                    lr=1e-3, weight_decay=0.05, hparams=json.loads(args.distiller_args),
+                    lr=1e-3, weight_decay=0.05, hparams=json.loads(args.distiller_args), rounds=args.rounds,
                     profile_steps=args.profile_steps)
 
 

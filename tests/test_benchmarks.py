@@ -32,14 +32,21 @@ def test_each_distiller_is_compared_with_its_own_floor():
 
 
 def test_pair_table_reports_ratio_throughput_and_errors():
-    floors = [Measurement(name, seconds) for name, seconds in COMPONENTS.items()]
-    rows = [Measurement("pat", 0.120, peak_memory_bytes=3 * 2**30, extra_params=1234567),
+    floors = [Measurement(name, [seconds]) for name, seconds in COMPONENTS.items()]
+    rows = [Measurement("pat", [0.110, 0.130, 0.120], peak_memory_bytes=3 * 2**30, extra_params=1234567),
             Measurement("ofa", error="OutOfMemoryError: CUDA out of memory")]
     table = pair_table("a → b", 128, floors, rows)
     pat_row = next(line for line in table.splitlines() if line.startswith("| pat |"))
     assert pat_row == "| pat | 120.0 ms | 1,066.7 | 3.00 GiB | 1,234,567 | 60.0 ms | 2.00× |"
     assert "| ofa | OutOfMemoryError: CUDA out of memory |" in table
     assert "| teacher fwd+bwd | 30.0 ms | – |" in table
+
+
+def test_rounds_merge_into_one_median_and_the_highest_peak():
+    row = Measurement("kd", [0.010, 0.030], peak_memory_bytes=2)
+    row.merge(Measurement("kd", [0.020], peak_memory_bytes=5))
+    row.merge(Measurement("kd", error="OutOfMemoryError"))
+    assert row.seconds == pytest.approx(0.020) and row.peak_memory_bytes == 5 and row.error == "OutOfMemoryError"
 
 
 def test_img_size_reaches_only_the_models_that_take_one():
@@ -66,8 +73,8 @@ def test_workers_needed_picks_the_fewest_that_reach_the_target_or_extrapolates()
 def test_step_time_runs_the_training_path_on_a_tiny_pair(tmp_path, capsys):
     output = tmp_path / "results" / "cpu.md"
     report = step_time.main(["--device", "cpu", "--pairs", "tiny", "--distillers", "kd", "pat", "--batch-size", "4",
-                             "--warmup-steps", "1", "--steps", "1", "--threads", "1", "--num-classes", "10",
-                             "--profile-steps", "1", "--output", str(output)])
+                             "--warmup-steps", "1", "--steps", "1", "--rounds", "2", "--threads", "1",
+                             "--num-classes", "10", "--profile-steps", "1", "--output", str(output)])
     assert output.read_text() == report
     for name in ("kd", "pat"):
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
@@ -75,7 +82,9 @@ def test_step_time_runs_the_training_path_on_a_tiny_pair(tmp_path, capsys):
         assert float(step_ms.replace(",", "")) > 0 and float(ratio) > 0
     pat_extra = next(line for line in report.splitlines() if line.startswith("| pat |")).split("|")[5]
     assert int(pat_extra.replace(",", "")) > 0
-    assert "module forward" in capsys.readouterr().out  # the profile names the distiller's modules
+    printed = capsys.readouterr().out
+    assert printed.count("### Profile of") == 2  # kd and pat, in the first of the two rounds only
+    assert "| student |" in printed and "| teacher |" in printed  # module rows by name
 
 
 @pytest.mark.benchmark
