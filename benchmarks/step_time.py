@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +52,7 @@ from benchmarks.reporting import describe_machine, write_report  # noqa: E402
 from pat_hf.arguments import RecipeArguments  # noqa: E402
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class  # noqa: E402
 from pat_hf.models import create_model  # noqa: E402
-from pat_hf.trainer import DistillationTrainer  # noqa: E402
+from pat_hf.schedule import create_timm_optimizer  # noqa: E402
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 STUDENT_STEP, TEACHER_FORWARD, TEACHER_BACKWARD = "student step", "teacher no-grad forward", "teacher fwd+bwd"
@@ -182,11 +181,8 @@ def build_distiller(name: str, student: nn.Module, teacher: nn.Module, pair: Pai
 
 
 def create_training_optimizer(distiller: Distiller, settings: Settings) -> torch.optim.Optimizer:
-    """The optimizer pat_hf.trainer builds: `DistillationTrainer.create_optimizer` reads only the attributes of
-    this stand-in (the trainer's optimizer slot, recipe, args and distiller), so the same code path runs."""
-    trainer = SimpleNamespace(optimizer=None, recipe=RecipeArguments(opt=settings.opt), distiller=distiller,
-                              args=SimpleNamespace(learning_rate=settings.lr, weight_decay=settings.weight_decay))
-    return DistillationTrainer.create_optimizer(trainer)
+    """The optimizer DistillationTrainer.create_optimizer builds, through the same function."""
+    return create_timm_optimizer(distiller, RecipeArguments(opt=settings.opt), settings.lr, settings.weight_decay)
 
 
 def create_pair_models(pair: Pair, num_classes: int) -> tuple[nn.Module, nn.Module]:
