@@ -32,7 +32,7 @@ def _accuracies(student: Path) -> dict[str, float]:
     return {result.metric_type: result.metric_value for result in card.data.eval_results}
 
 
-def test_the_wheel_installs_and_trains_with_its_console_script_and_accelerate(tmp_path):
+def test_the_wheel_installs_and_trains_with_its_console_scripts_and_accelerate(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(ROOT, source, symlinks=True, ignore=NOT_PACKAGED)
     wheels = tmp_path / "wheels"
@@ -57,6 +57,8 @@ def test_the_wheel_installs_and_trains_with_its_console_script_and_accelerate(tm
     imported_from = _run([str(python), "-c", "import pat_hf; print(pat_hf.__file__)"], cwd=workdir, env=env).strip()
     assert Path(imported_from).is_relative_to(venv_site), imported_from
 
+    for script in ("pat-hf-push", "pat-hf-evaluate"):
+        assert "usage:" in _run([str(venv / "bin" / script), "--help"], cwd=workdir, env=env)
     _run([str(venv / "bin" / "pat-hf-train"), "--config", "smoke", "--output_dir", "by_script", *TINY],
          cwd=workdir, env=env)
     _run([str(python), "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "1",
