@@ -26,12 +26,14 @@ from pat_hf import train as pat_train  # noqa: E402
 
 CONFIG = "digits"  # shipped with the package (pat_hf/configs/digits.yaml)
 TEACHER_EPOCHS = 10
+# Region attention narrowed to the demo's 32x32 images.
+PAT = ["--distiller", "pat", "--pat-raa-dim", "64", "--pat-raa-num-queries", "16"]
 STUDENT_ROWS = {
     "alone": ("student alone", ["--distiller", "vanilla", "--teacher", ""]),
     "kd": ("student + KD", ["--distiller", "kd", "--kd-temperature", "4"]),
     "ofa": ("student + OFA", ["--distiller", "ofa"]),
-    "pat": ("student + PAT (reference mode)", ["--distiller", "pat", "--pat-mode", "reference"]),
-    "pat-corrected": ("student + PAT (corrected mode)", ["--distiller", "pat", "--pat-mode", "corrected"]),
+    "pat": ("student + PAT (reference mode)", [*PAT, "--pat-mode", "reference"]),
+    "pat-corrected": ("student + PAT (corrected mode)", [*PAT, "--pat-mode", "corrected"]),
 }
 
 

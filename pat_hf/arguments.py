@@ -7,6 +7,7 @@ keys are the reference's (`batch_size`, `lr`, `weight_decay`, ...) or ours; an u
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import yaml
 from timm.optim import list_optimizers
 from transformers import HfArgumentParser, TrainingArguments
 
-from pat_hf.distillers import DISTILLERS, DistillArguments, get_distiller_class
+from pat_hf.distillers import DISTILLERS, DistillArguments, Distiller, get_distiller_class
 from pat_hf.overridden_flags import reject_overridden_flags
 from pat_hf.schedule import SCHEDULERS
 
@@ -154,8 +155,9 @@ class DistillTrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata=_help("when to checkpoint: no | steps | epoch"))
     save_total_limit: int | None = field(default=2, metadata=_help("checkpoints kept", "--checkpoint-hist"))
     report_to: str = field(default="tensorboard", metadata=_help("tensorboard | none | wandb | ..."))
-    # The reference keeps the best of the raw and EMA students over all evaluations (SPEC §1.7); eval_max_top1
-    # is the higher of the two at one evaluation, and its best checkpoint is spared by the rotation.
+    # The reference keeps the best of the raw and EMA students over all evaluations (docs/REFERENCE.md,
+    # Recipe); eval_max_top1 is the higher of the two at one evaluation, and its best checkpoint is spared by the
+    # rotation.
     metric_for_best_model: str | None = field(default="max_top1", metadata=_help(
         "metric whose best checkpoint is kept (max_top1: the higher of raw and EMA top-1)"))
     remove_unused_columns: bool = field(default=False, metadata=_help("keep False: transforms need raw columns"))
@@ -225,23 +227,39 @@ def _json_dict(value: Any, flag: str) -> dict:
     return parsed
 
 
-def _dataclass_types() -> list[type]:
-    hparam_types = [cls.Arguments for cls in DISTILLERS.values() if cls.Arguments is not None]
-    return [ModelArguments, DataArguments, RecipeArguments, DistillArguments, *hparam_types, DistillTrainingArguments]
+def _dataclass_types(distiller_cls: type[Distiller]) -> list[type]:
+    """The sections a run of `distiller_cls` parses: the shared ones and that distiller's own hyper-parameters."""
+    own = [distiller_cls.Arguments] if distiller_cls.Arguments is not None else []
+    return [ModelArguments, DataArguments, RecipeArguments, DistillArguments, *own, DistillTrainingArguments]
+
+
+def _key_names(f: dataclasses.Field) -> list[str]:
+    """The names a YAML key may use for a field: its name and its `--` aliases, in underscores."""
+    return [f.name, *(alias[2:].replace("-", "_") for alias in f.metadata.get("aliases", [])
+                      if alias.startswith("--"))]
 
 
 def _key_to_dest(types: list[type]) -> dict[str, str]:
     """Every name a YAML key may use (field names, dashed names, aliases) -> the field it sets."""
-    names = {}
-    for dataclass_type in types:
-        for f in dataclasses.fields(dataclass_type):
-            if not f.init:
-                continue
-            names[f.name] = f.name
-            for alias in f.metadata.get("aliases", []):
-                if alias.startswith("--"):
-                    names[alias[2:].replace("-", "_")] = f.name
-    return names
+    return {name: f.name for dataclass_type in types for f in dataclasses.fields(dataclass_type) if f.init
+            for name in _key_names(f)}
+
+
+def _owners_of_other_options(distiller_cls: type[Distiller]) -> dict[str, str]:
+    """Option names (YAML keys in underscores, flags as typed) of the other distillers -> the distiller's name."""
+    owners = {}
+    for name, cls in DISTILLERS.items():
+        if cls.Arguments is None or cls.Arguments is distiller_cls.Arguments:
+            continue
+        for f in dataclasses.fields(cls.Arguments):
+            for key in _key_names(f):
+                owners |= {key: name, f"--{key}": name, f"--{key.replace('_', '-')}": name,
+                           f"--no_{key}": name, f"--no-{key.replace('_', '-')}": name}
+    return owners
+
+
+def _belongs_elsewhere(option: str, owner: str, distiller: str) -> str:
+    return f"{option} belongs to --distiller {owner}, not {distiller}"
 
 
 def packaged_config_names() -> list[str]:
@@ -261,30 +279,53 @@ def resolve_config_path(path: str) -> Path:
                             f"(e.g. {', '.join(packaged_config_names()[:4])}; see pat_hf/configs)")
 
 
-def read_config(path: str, types: list[type], _included_from: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The defaults a YAML file sets, by field name. A `base: OTHER.yaml` key (relative to the file) reads
-    OTHER.yaml first and lets this file's keys override its values; bases may chain."""
+def _config_chain(path: str, _included_from: tuple[Path, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """(file, its keys) of a YAML file and the files it extends through `base: OTHER.yaml` (relative to the
+    file; bases may chain), the farthest base first."""
     config_path = resolve_config_path(path) if not _included_from else Path(path)
     if not config_path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     config = yaml.safe_load(config_path.read_text()) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a mapping of option: value")
-    destinations = _key_to_dest(types)
-    defaults = {}
     base = config.pop(BASE_KEY, None)
-    for key, value in config.items():
-        normalised = str(key).replace("-", "_")
-        if normalised not in destinations:
-            raise ValueError(f"unknown key {key!r} in {path}; run with --help for the accepted names")
-        defaults[destinations[normalised]] = value
     if base is None:
-        return defaults
+        return [(path, config)]
     chain = (*_included_from, config_path.resolve())
     base_path = (config_path.parent / str(base)).resolve()
     if base_path in chain:
         raise ValueError(f"{path}: 'base: {base}' includes a file that includes it")
-    return {**read_config(str(base_path), types, chain), **defaults}
+    return [*_config_chain(str(base_path), chain), (path, config)]
+
+
+def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, Any]:
+    """The defaults a YAML file sets, by field name, its own keys overriding its bases'. `distiller`: the run's,
+    to name the distiller a key of another one belongs to."""
+    destinations = _key_to_dest(types)
+    others = _owners_of_other_options(get_distiller_class(distiller)) if distiller else {}
+    defaults = {}
+    for file, config in _config_chain(path):
+        for key, value in config.items():
+            normalised = str(key).replace("-", "_")
+            if normalised in others:
+                raise ValueError(_belongs_elsewhere(f"key {key!r} in {file}", others[normalised], distiller))
+            if normalised not in destinations:
+                raise ValueError(f"unknown key {key!r} in {file}; run with --help for the accepted names")
+            defaults[destinations[normalised]] = value
+    return defaults
+
+
+def _distiller_name(argv: list[str]) -> str:
+    """The run's distiller, from --distiller or else --config, before anything else is parsed."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-c", "--config", default="")
+    parser.add_argument("--distiller", default=None)
+    known = parser.parse_known_args(argv)[0]
+    if known.distiller is not None:
+        return known.distiller
+    from_config = [config["distiller"] for _, config in _config_chain(known.config) if "distiller" in config] \
+        if known.config else []
+    return from_config[-1] if from_config else DistillArguments.distiller
 
 
 def _set_mixed_precision(values: dict[str, Any]) -> None:
@@ -299,28 +340,39 @@ def _set_mixed_precision(values: dict[str, Any]) -> None:
         values["use_cpu"] = True
 
 
+def _build_parser(types: list[type]) -> HfArgumentParser:
+    parser = HfArgumentParser(types, epilog="Each distiller has options of its own: add --distiller NAME to "
+                                            "--help to list them.")
+    parser.add_argument("-c", "--config", default="", help="YAML file of default values (reference keys)")
+    parser._option_string_actions["--distiller"].help = f"distillation method: {' | '.join(DISTILLERS)}"
+    return parser
+
+
 def parse_arguments(argv: list[str] | None = None) -> RunArguments:
-    """Parse flags over YAML defaults over built-in defaults, as the reference's train.py does."""
+    """Parse flags over YAML defaults over built-in defaults, as the reference's train.py does. The distiller
+    is found first: only its own hyper-parameters are accepted, and they are checked as they are parsed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     reject_overridden_flags(argv)
-    types = _dataclass_types()
-    parser = HfArgumentParser(types)
-    parser.add_argument("-c", "--config", default="", help="YAML file of default values (reference keys)")
+    distiller = _distiller_name(argv)
+    distiller_cls = get_distiller_class(distiller)
+    types = _dataclass_types(distiller_cls)
+    parser = _build_parser(types)
     config_path = parser.parse_known_args(argv)[0].config
     if config_path:
-        defaults = read_config(config_path, types)
+        defaults = read_config(config_path, types, distiller)
         if defaults.get("max_grad_norm", 0) is None:
             defaults["max_grad_norm"] = 0.0
         parser.set_defaults(**defaults)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
+        others = _owners_of_other_options(distiller_cls)
+        for option in (arg.split("=", 1)[0] for arg in unknown):
+            if option in others:
+                parser.error(_belongs_elsewhere(option, others[option], distiller))
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     values = vars(namespace)
     if values["amp"]:
         _set_mixed_precision(values)
     instances = [t(**{f.name: values[f.name] for f in dataclasses.fields(t) if f.init}) for t in types]
-    model, data, recipe, distill, *hparams, training = instances
-    distiller_cls = get_distiller_class(distill.distiller)
-    own = next((h for h in hparams if distiller_cls.Arguments is not None and isinstance(h, distiller_cls.Arguments)),
-               None)
-    return RunArguments(model, data, recipe, distill, own, training)
+    model, data, recipe, distill, *own, training = instances
+    return RunArguments(model, data, recipe, distill, own[0] if own else None, training)

@@ -39,7 +39,8 @@ def ema_name(index: int) -> str:
 
 class ModelEmaCallback(CheckpointStateCallback):
     """One EMA of the student per decay, updated after every optimizer step with a fixed decay and no warm-up
-    (the reference's ModelEmaV2 use, SPEC §1.5). Each is saved as `<name>.safetensors` in every checkpoint."""
+    (the reference's ModelEmaV2 use, docs/REFERENCE.md, Recipe). Each is saved as `<name>.safetensors` in every
+    checkpoint."""
 
     def __init__(self, student: nn.Module, decays: Sequence[float]):
         if not decays:

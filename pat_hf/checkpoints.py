@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 COMPLETE_MARKER = "pat_hf_checkpoint.json"
+PROCESS_STATE_FILE = "distiller_state_rank{rank}.safetensors"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -96,6 +98,18 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None, protecte
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+def save_process_state(folder: str | os.PathLike, rank: int, state: dict[str, torch.Tensor]) -> None:
+    """A distiller's per-process state (PAT's feedback), one file per process; nothing when there is none."""
+    if state:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()},
+                  os.path.join(folder, PROCESS_STATE_FILE.format(rank=rank)))
+
+
+def load_process_state(folder: str | os.PathLike, rank: int) -> dict[str, torch.Tensor]:
+    path = os.path.join(folder, PROCESS_STATE_FILE.format(rank=rank))
+    return load_file(path) if os.path.isfile(path) else {}
 
 
 def rng_snapshot() -> dict[str, Any]:

@@ -40,7 +40,8 @@ class DatasetSource:
 
 
 KNOWN_DATASETS = {
-    # The reference normalises CIFAR with its own statistics and evaluates with bilinear resizing (SPEC §1.4).
+    # The reference normalises CIFAR with its own statistics and evaluates with bilinear resizing (docs/REFERENCE.md,
+    # Data).
     "cifar100": DatasetSource("uoft-cs/cifar100", "img", "fine_label", "test", CIFAR_MEAN, CIFAR_STD, "bilinear"),
     "imagenet-1k": DatasetSource("ILSVRC/imagenet-1k", "image", "label", "validation"),
 }
@@ -227,7 +228,8 @@ def build_mixup(args: DataArguments, num_classes: int, batch_size: int) -> Mixup
 
 
 def build_criterion(args: DataArguments, bce_loss: bool = False) -> torch.nn.Module:
-    """The training criterion the reference picks (SPEC §1.4); evaluation always uses plain cross-entropy."""
+    """The training criterion the reference picks (docs/REFERENCE.md, Data); evaluation always uses plain
+    cross-entropy."""
     if mixup_active(args):
         return BinaryCrossEntropy() if bce_loss else SoftTargetCrossEntropy()
     if args.smoothing > 0:

@@ -6,6 +6,17 @@ Reads NAME.json beside the weights (models, kwargs, hyper-parameters in the refe
 reference computed), builds the pair, loads the converted reference state, runs two training-mode forwards
 and one backward exactly as the fixture's README describes, prints ours against the reference, and exits
 non-zero if a loss or logit sum differs by more than 1e-4 relative, or a gradient norm by more than 1e-3.
+
+NAME.safetensors holds `input.x1/x2` (images), `input.y1/y2` (labels), `teacher.*` and `student.*` (timm 0.6.5
+names) and `extra.DISTILLER.*` (the distiller's modules in the reference's names, before any forward). A CRD
+fixture adds what the reference's data pipeline supplied, so that its forwards replay exactly:
+  * `input.train_labels` (N,): the class of every training example (N sizes the memory banks);
+  * `input.index1/2` (B,): each batch example's position in the training set;
+  * `input.contrast_index1/2` (B, 1 + K): the index again, then the K negatives the reference's dataset drew.
+NAME.json: `teacher`/`student` ({name, kwargs}), `num_classes`, `img_size`, `args` (hyper-parameters in the
+reference's CLI names) and, per distiller, `step1`/`step2` (loss dicts), `step2_logits_sum`,
+`step2_logits_abs_sum`, `grad_norm_student`, `grad_norm_extra`, `grad_norm_extra_by_module` (by the
+reference's top-level module name; modules without parameters may be left out) and `extra_param_count`.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ from pat_hf.reference import (
 
 LOSS_TOLERANCE = 1e-4
 GRAD_TOLERANCE = 1e-3
+# Batch keys besides images and labels that a fixture may carry per step, as `input.KEY1` and `input.KEY2`.
+REPLAYED_BATCH_KEYS = ("index", "contrast_index")
 
 
 @dataclass
@@ -69,11 +82,16 @@ def build_distiller(fixture: dict, state: dict[str, torch.Tensor], distiller_nam
     distiller_cls = get_distiller_class(distiller_name)
     extra_state = split_prefixed(state, f"extra.{distiller_name}.")
     context = DistillContext(input_size=(3, size, size), num_classes=num_classes,
-                             criterion=F.cross_entropy)
+                             train_labels=state.get("input.train_labels"), criterion=F.cross_entropy)
     hparams = _hparams(distiller_cls, args)
     distiller = distiller_cls.from_reference_state(student, teacher, common, hparams, context, extra_state)
     load_reference_distiller_state(distiller, distiller_name, extra_state)
     return distiller
+
+
+def _replayed_batch(state: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """The batch keys the reference's data pipeline gave with step `step`'s batch (CRD's indices)."""
+    return {key: state[f"input.{key}{step}"] for key in REPLAYED_BATCH_KEYS if f"input.{key}{step}" in state}
 
 
 def _grad_norm(parameters) -> float:
@@ -87,12 +105,9 @@ def run_check(fixture_path: Path, distiller_name: str) -> list[Comparison]:
     recorded = fixture["distillers"][distiller_name]
     distiller = build_distiller(fixture, state, distiller_name)
     distiller.train()
-    images = [state["input.x1"].float(), state["input.x2"].float()]
-    labels = [state["input.y1"], state["input.y2"]]
-
     comparisons = []
-    for step, (x, y) in enumerate(zip(images, labels), start=1):
-        out = distiller(x, y)
+    for step in (1, 2):
+        out = distiller(state[f"input.x{step}"].float(), state[f"input.y{step}"], **_replayed_batch(state, step))
         for key, value in recorded[f"step{step}"].items():
             comparisons.append(Comparison(f"step{step}.{key}", float(out[key].detach()), value, LOSS_TOLERANCE))
     logits = out["logits"].detach()
@@ -109,6 +124,8 @@ def run_check(fixture_path: Path, distiller_name: str) -> list[Comparison]:
                                   recorded["grad_norm_extra"], GRAD_TOLERANCE))
     renames = REFERENCE_MODULE_NAMES.get(distiller_name, {})
     for name, module in distiller.extra_modules().items():
+        if next(module.parameters(), None) is None:  # CRD's memory and sampler: no gradient to compare
+            continue
         reference_name = renames.get(name, name)
         comparisons.append(Comparison(f"grad_norm_extra.{reference_name}", _grad_norm(module.parameters()),
                                       recorded["grad_norm_extra_by_module"][reference_name], GRAD_TOLERANCE))

@@ -1,7 +1,8 @@
-"""timm's learning-rate schedules, driven by the Trainer the way the reference's train.py drives them.
+"""timm's optimizers and learning-rate schedules, driven by the Trainer the way the reference's train.py drives them.
 
 The reference builds its scheduler with timm (`create_scheduler`) and calls `step(epoch + 1)` after every
-epoch, so the rate is constant within an epoch: during epoch e it is the schedule's value at e (SPEC §1.5).
+epoch, so the rate is constant within an epoch: during epoch e it is the schedule's value at e
+(docs/REFERENCE.md, Recipe).
 The Trainer instead calls `lr_scheduler.step()` after every optimizer update; `TimmLRSchedule` turns those
 calls back into timm's `step(epoch)` (once per epoch) or, with `--sched-on-updates`, `step_update(updates)`.
 """
@@ -12,12 +13,24 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
 # timm schedules that are a function of the epoch (or update) alone; plateau needs the eval metric and
 # multistep a milestone list, neither of which the reference's configs use.
 SCHEDULERS = ("cosine", "step", "tanh", "poly", "constant")
+
+
+def create_timm_optimizer(model: torch.nn.Module, recipe: Any, lr: float,
+                          weight_decay: float) -> torch.optim.Optimizer:
+    """timm's optimizer for `recipe` (a RecipeArguments) over `model`'s trainable parameters, with the
+    reference's weight-decay rule: none for parameters with ndim <= 1 or named `.bias`."""
+    extra = {"eps": recipe.opt_eps} if recipe.opt_eps is not None else {}
+    if recipe.opt_betas:
+        extra["betas"] = tuple(recipe.opt_betas)
+    return create_optimizer_v2(model, opt=recipe.opt, lr=lr, weight_decay=weight_decay, momentum=recipe.momentum,
+                               **extra)
 
 
 def create_timm_scheduler(optimizer: torch.optim.Optimizer, recipe: Any, epochs: float,

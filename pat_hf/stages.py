@@ -9,7 +9,7 @@ Canonical layouts (what distillers see):
   * token sequences: (B, L, C) for transformer / MLP stages, prefix (class, register) tokens first. Swin's
     NHWC stage outputs are flattened row-major to tokens, as the reference did.
 
-How the four stages are chosen (the reference's choices where it has them, SPEC §4.2, then generalised):
+How the four stages are chosen (the reference's choices where it has them, then generalised; docs/REFERENCE.md, Stages):
   * hierarchical models: the last feature of each of the last four resolutions in `feature_info`
     (ResNet layer1-4, ConvNeXt stages, Swin layers, RegNet s1-s4, ConvNeXt-V2, ...);
   * EfficientNet-family models (MobileNetV2, EfficientNet): stages 1-3 as above, stage 4 is the head conv

@@ -44,9 +44,11 @@ from pat_hf.data import (
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
 from pat_hf.hub import HubPushError, ModelCardInfo, export_student, prepare_repo, push_student
+from pat_hf.loss_meters import SUMMARY_FILE
+from pat_hf.memory_format import MemoryFormat
 from pat_hf.metrics import TopkMetrics, top_k_indices
 from pat_hf.models import create_model, create_teacher, load_weights
-from pat_hf.trainer import SUMMARY_FILE, DistillationTrainer
+from pat_hf.trainer import DistillationTrainer
 
 # timm optimizers that take --momentum.
 MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "lars")
@@ -158,12 +160,12 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     batch_size = args.training.per_device_train_batch_size
     mixup = build_mixup(args.data, num_classes, batch_size)
     distiller_cls = get_distiller_class(args.distill.distiller)
+    train_labels = torch.tensor(train_set["label"]) if distiller_cls.needs_train_labels else None
     context = DistillContext(input_size=tuple(data_config["input_size"]), num_classes=num_classes,
-                             train_labels=torch.tensor(train_set["label"]),
+                             train_labels=train_labels,
                              criterion=build_criterion(args.data, bce_loss=args.data.bce_loss))
-    distiller = distiller_cls(student, teacher, args.distill, args.hparams, context)
-    if args.recipe.channels_last:
-        distiller.to(memory_format=torch.channels_last)
+    memory_format = MemoryFormat(args.recipe.channels_last)
+    distiller = memory_format.apply(distiller_cls(student, teacher, args.distill, args.hparams, context))
     callbacks = list(callbacks or [])
     ema = ModelEmaCallback(distiller.student, args.recipe.model_ema_decay) if args.recipe.model_ema else None
     if ema is not None:
@@ -195,7 +197,6 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     trainer.save_metrics("eval", metrics)
 
     if trainer.is_world_process_zero():
-        exported = ema.named_models()[0][1] if args.recipe.export_ema else distiller.student
         card = ModelCardInfo(
             student=args.model.model, teacher=args.model.teacher, teacher_weights=args.model.teacher_pretrained,
             distiller=args.distill.distiller, dataset=dataset_card_name(args.data, source),
@@ -203,8 +204,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             num_classes=num_classes, input_size=tuple(data_config["input_size"]),
             exported_ema=args.recipe.export_ema, distiller_settings=distiller_settings(args, distiller_cls),
             recipe=recipe_settings(args), metrics=metrics)
-        if args.recipe.channels_last:
-            exported.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
+        exported = memory_format.for_export(ema.named_models()[0][1] if args.recipe.export_ema else distiller.student)
         student_dir = export_student(
             exported, os.path.join(args.training.output_dir, "student"),
             model_kwargs=args.model.model_kwargs, data_config=data_config,

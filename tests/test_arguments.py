@@ -1,6 +1,8 @@
 import pytest
 
 from pat_hf.arguments import parse_arguments
+from pat_hf.distillers import DISTILLERS
+from pat_hf.distillers.fitnet import FitNetArguments
 
 
 def write(tmp_path, text: str):
@@ -82,3 +84,56 @@ def test_push_to_hub_targets_the_student_not_checkpoints():
 def test_amp_on_cpu_means_bf16():
     args = parse_arguments(["--amp", "--use_cpu"])
     assert args.training.bf16 is True and args.training.fp16 is False
+
+
+def test_help_lists_the_registered_distillers(capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"distillation method: {' | '.join(DISTILLERS)}" in text
+    assert "--pat-raa-dim" not in text
+
+
+def test_help_with_a_distiller_shows_its_own_options_only(capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(["--help", "--distiller", "pat"])
+    text = capsys.readouterr().out
+    assert "--distiller pat:" in text and "--pat-raa-dim" in text and "--pat-mode" in text
+    assert "--ofa-eps" not in text and "--fitnet-stages" not in text
+
+
+def test_a_flag_of_another_distiller_names_its_distiller(capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(["--distiller", "kd", "--pat-raa-dim", "32"])
+    assert "--pat-raa-dim belongs to --distiller pat, not kd" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_arguments(["--ofa-eps=1", "--distiller=dkd"])
+    assert "--ofa-eps belongs to --distiller ofa, not dkd" in capsys.readouterr().err
+
+
+def test_a_yaml_key_of_another_distiller_names_its_distiller(tmp_path):
+    config = write(tmp_path, "distiller: kd\nfitnet_loss_weight: 2.0\n")
+    with pytest.raises(ValueError, match=r"key 'fitnet_loss_weight' in .*config.yaml belongs to --distiller fitnet, "
+                                         r"not kd"):
+        parse_arguments(["--config", config])
+
+
+def test_the_distiller_may_come_from_the_yaml_and_its_hyperparameters_are_parsed(tmp_path):
+    args = parse_arguments(["--config", write(tmp_path, "distiller: fitnet\nfitnet_stages: [2, 4]\n")])
+    assert isinstance(args.hparams, FitNetArguments) and args.hparams.fitnet_stages == [2, 4]
+    assert parse_arguments(["--distiller", "kd"]).hparams is None
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--distiller", "pat", "--pat-raa-num-queries", "80"], "--pat-raa-num-queries must be 4*k*k"),
+    (["--distiller", "pat", "--pat-raa-dim", "36"], "--pat-raa-dim must be even and divisible by 8 heads, got 36"),
+    (["--distiller", "pat", "--pat-mode", "fixed"], "--pat-mode must be one of ('reference', 'corrected')"),
+    (["--distiller", "pat", "--pat-afp-stage", "0", "5"], "--pat-afp-stage takes stages 1-4, got [0, 5]"),
+    (["--distiller", "fitnet", "--fitnet-stages", "1", "1"], "--fitnet-stages takes distinct stages 1-4"),
+    (["--distiller", "ofa", "--ofa-stage", "5"], "--ofa-stage takes distinct stages 1-4, got [5]"),
+    (["--distiller", "ofa", "--ofa-stage", "3", "4", "--ofa-eps", "1", "1"], "--ofa-eps needs 1 or 3 values"),
+])
+def test_hyperparameters_are_checked_as_they_are_parsed(flags, message):
+    with pytest.raises(ValueError) as error:
+        parse_arguments(flags)
+    assert message in str(error.value) and "\n" not in str(error.value)

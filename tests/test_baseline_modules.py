@@ -10,10 +10,10 @@ from torch import nn
 
 from pat_hf.modules.branch_heads import MapBranchHead, TokenBranchHead
 from pat_hf.modules.contrast_memory import ContrastMemory
-from pat_hf.modules.feature_grid import FeatureGrid, token_grid
 from pat_hf.modules.grid_aligner import GridAligner
 from pat_hf.modules.negative_sampler import NegativeSampler
 from pat_hf.modules.patch_merging import PatchMerging
+from pat_hf.modules.token_grid import FeatureGrid, token_grid
 
 torch.set_num_threads(1)
 

@@ -55,7 +55,7 @@ def test_ofa_eps_is_broadcast_and_the_last_one_is_for_the_logits():
 
 
 def _reference_ofa_keys(stage_channels: list[int], width: int) -> dict[str, torch.Size]:
-    """Key names and shapes of the reference's OFA projectors for a CNN student (SPEC §2, OFA branch heads)."""
+    """Key names and shapes of the reference's OFA projectors for a CNN student (docs/REFERENCE.md, Distillers)."""
     shapes = {}
     for stage, channels in enumerate(stage_channels, start=1):
         prefix = f"projector.{stage}"

@@ -49,8 +49,8 @@ def _cases() -> list[tuple[str, str, str]]:
 CASES = _cases()
 # PAT's squeeze-excitation squeezes C channels to C/16 ReLU units, a single unit at these widths. A unit that is
 # inactive on the whole batch passes no gradient to the SE weights and, with the reference's gate-only SE
-# (SPEC §6.4), none to the convs before it either. These parameters must be reached by the backward graph but
-# may get an exactly zero gradient.
+# (docs/REFERENCE.md, Quirks), none to the convs before it either. These parameters must be reached by the
+# backward graph but may get an exactly zero gradient.
 MAY_GET_ZERO_GRADIENT = {
     "pat-reference": re.compile(r"prompt_blocks\.\d+\.(feedback_aligner|fusion|prompt\.[0-3])\."),
     "pat-corrected": re.compile(r"prompt_blocks\.\d+\.(fusion|prompt)\.3\."),

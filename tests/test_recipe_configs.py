@@ -17,8 +17,8 @@ torch.set_num_threads(1)
 DISTILLER = ["--distiller", "vanilla", "--teacher", ""]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# SPEC §1.9, value by value.
-SPEC_CONFIGS = {
+# The reference's YAML recipes, value by value (docs/REFERENCE.md, Recipe).
+REFERENCE_CONFIGS = {
     "cifar/cnn.yaml": dict(epochs=300, batch_size=128, lr=0.05, min_lr=1e-3, opt="sgd", weight_decay=2e-3,
                            sched="cosine", warmup_epochs=3, color_jitter=0, smoothing=0.1, num_classes=100),
     "cifar/vit_mlp.yaml": dict(epochs=300, batch_size=128, lr=5e-4, min_lr=1e-5, opt="adamw", weight_decay=0.05,
@@ -62,9 +62,9 @@ def assert_parsed(args, key: str, expected) -> None:
         assert value == pytest.approx(expected, rel=1e-12), key
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_CONFIGS))
+@pytest.mark.parametrize("name", sorted(REFERENCE_CONFIGS))
 def test_config_matches_the_reference(name):
-    expected = SPEC_CONFIGS[name]
+    expected = REFERENCE_CONFIGS[name]
     assert set(yaml.safe_load((CONFIGS / name).read_text())) == set(expected)
     args = parse_arguments(["--config", str(CONFIGS / name), *DISTILLER])
     for key, value in expected.items():
@@ -85,7 +85,8 @@ def test_stronger_config_trains_with_binary_cross_entropy():
     assert isinstance(build_criterion(args.data, bce_loss=args.data.bce_loss), BinaryCrossEntropy)
 
 
-# SPEC §5.1: (distiller, teacher, student, base config), by script row.
+# The reference's scripted experiments (docs/REFERENCE.md, Experiments): (distiller, teacher, student, base
+# config), by script row.
 CIFAR_ROWS = [("ofa", "swin_tiny_patch4_window7_224", "resnet18", "cnn"),
               ("ofa", "swin_tiny_patch4_window7_224", "resmlp_12_224", "vit_mlp"),
               ("fitnet", "swin_tiny_patch4_window7_224", "resnet18", "cnn"),
@@ -153,7 +154,7 @@ def test_experiment_config(dataset, number, row):
     assert args.recipe.amp and args.recipe.model_ema  # both scripts pass --amp --model-ema
     assert args.training.output_dir == f"runs/{dataset}/{path.stem}"
     # The base config's values come through.
-    for key, value in SPEC_CONFIGS[f"{'cifar' if dataset == 'cifar100' else 'imagenet'}/{base}.yaml"].items():
+    for key, value in REFERENCE_CONFIGS[f"{'cifar' if dataset == 'cifar100' else 'imagenet'}/{base}.yaml"].items():
         if key not in ("model_ema",):
             assert_parsed(args, key, value)
     if dataset == "imagenet" and distiller == "ofa":

@@ -56,7 +56,7 @@ def timm_rates(scheduler_cls, steps: int, updates_per_epoch: int, per_update: bo
 
 
 SCHEDULE_CASES = {
-    # SPEC §1.9 cifar/cnn.yaml: cosine from 0.05 to 1e-3 with linear warmup from 1e-4, per epoch.
+    # docs/REFERENCE.md, Recipe: cifar/cnn.yaml, cosine from 0.05 to 1e-3 with linear warmup from 1e-4, per epoch.
     "cifar-cnn-cosine": (["--config", str(CONFIGS / "cifar/cnn.yaml"), "--epochs", "5", "--warmup-epochs", "2"], 5,
                          lambda: timm_rates(CosineLRScheduler, 20, 4, lr=0.05, t_initial=5, lr_min=1e-3, warmup_t=2,
                                             warmup_lr_init=1e-4)),

@@ -1,4 +1,4 @@
-"""The stage layer: the reference's stage choices (SPEC §4.2, §3.4) and the generalisation to other models."""
+"""The stage layer: the reference's stage choices (docs/REFERENCE.md, Stages) and the generalisation to other models."""
 
 import pytest
 import torch

@@ -4,7 +4,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from pat_hf import train as pat_train
 from pat_hf.arguments import parse_arguments
@@ -86,9 +88,27 @@ def test_weight_decay_skips_biases_and_norms():
         assert (id(p) in decayed) == (p.ndim > 1 and not name.endswith(".bias")), name
 
 
+class RecordContext(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.context = model.context
+
+
 def test_student_alone_without_teacher(tmp_path):
-    metrics = pat_train.main(tiny_run(tmp_path, None, "--distiller", "vanilla"))
+    recorder = RecordContext()
+    metrics = pat_train.main(tiny_run(tmp_path, None, "--distiller", "vanilla"), callbacks=[recorder])
     assert "eval_top1" in metrics
+    assert recorder.context.train_labels is None  # only distillers that need them (CRD) get the labels
+
+
+def test_evaluation_loss_is_the_students_cross_entropy_as_in_any_hf_model():
+    student = create_model("test_resnet", 10)
+    distiller = KD(student, create_model("test_resnet", 10), DistillArguments(distiller="kd"), None,
+                   DistillContext((3, 32, 32), 10)).eval()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 9])
+    out = distiller(x, y)
+    assert torch.allclose(out["loss"], F.cross_entropy(student(x), y))
+    assert torch.equal(distiller(x, F.one_hot(y, 10).float() * 0.9 + 0.01)["loss"], out["loss"])  # hard labels
+    assert set(distiller(x)) == {"logits"}
 
 
 @pytest.mark.parametrize("flags,message", [

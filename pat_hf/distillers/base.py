@@ -1,7 +1,8 @@
 """The distiller API: one module holding the student, the frozen teacher and the method's own modules.
 
 A distiller's `forward` is the whole training computation (student, teacher, extra modules, losses), so that
-the Trainer's prepared model (DDP, autocast) covers all of it. In evaluation mode it runs the student alone.
+the Trainer's prepared model (DDP, autocast) covers all of it. In evaluation mode it runs the student alone and,
+given labels, returns the cross-entropy evaluation loss as any Hugging Face model does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.stages import StageLayer, StageOutput
+from pat_hf.stages import NUM_STAGES, StageLayer, StageOutput
 
 DISTILLERS: dict[str, type[Distiller]] = {}
 
@@ -26,6 +27,9 @@ def register_distiller(name: str):
         if name in DISTILLERS:
             raise ValueError(f"distiller {name!r} is registered twice")
         cls.name = name
+        if cls.Arguments is not None:
+            # HfArgumentParser lists a dataclass with this attribute under its own heading in --help.
+            cls.Arguments._argument_group_name = f"--distiller {name}"
         DISTILLERS[name] = cls
         return cls
 
@@ -43,8 +47,8 @@ def get_distiller_class(name: str) -> type[Distiller]:
 class DistillArguments:
     """Hyper-parameters shared by every distiller (the reference's names)."""
 
-    distiller: str = field(default="ofa", metadata={"help": "distillation method: " + "|".join(
-        ["vanilla", "kd", "bkd", "dkd", "dist", "fitnet", "ofa", "pat", "crd", "rkd", "correlation"])})
+    # The choices are listed from the registry when the parser is built (pat_hf/arguments.py).
+    distiller: str = field(default="ofa", metadata={"help": "distillation method"})
     gt_loss_weight: float = field(default=1.0, metadata={"help": "weight of the ground-truth (CE) term"})
     kd_loss_weight: float = field(default=1.0, metadata={"help": "weight of the logit distillation term"})
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD term"})
@@ -56,13 +60,29 @@ class DistillContext:
 
     input_size: tuple[int, int, int]
     num_classes: int
-    # Class index of every training example, in dataset order (CRD draws its negatives from it).
+    # Class index of every training example, in dataset order, for distillers with `needs_train_labels`.
     train_labels: torch.Tensor | None = None
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
 
     @property
     def num_train_examples(self) -> int:
         return 0 if self.train_labels is None else len(self.train_labels)
+
+
+def check_stage_selection(flag: str, stages: list[int], *, distinct: bool = True) -> None:
+    """A list of stages (1-4) a distiller works on; `distinct`: at least one, each at most once."""
+    in_range = set(stages) <= set(range(1, NUM_STAGES + 1))
+    if distinct and not (stages and in_range and len(set(stages)) == len(stages)):
+        raise ValueError(f"{flag} takes distinct stages 1-4, got {stages}")
+    if not in_range:
+        raise ValueError(f"{flag} takes stages 1-4, got {stages}")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(softmax(t / T) || softmax(s / T)), averaged over the batch."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    p_teacher = F.softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2
 
 
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -79,6 +99,8 @@ class Distiller(nn.Module):
     requires_teacher: ClassVar[bool] = True
     # Keys of the batch, besides pixel_values and labels, that forward_train consumes (CRD's sample indices).
     batch_keys: ClassVar[tuple[str, ...]] = ()
+    # Whether the DistillContext must carry the training set's labels (CRD draws its negatives from them).
+    needs_train_labels: ClassVar[bool] = False
     # Tells the Trainer that `forward` returns a per-batch mean loss it must not rescale.
     accepts_loss_kwargs = False
 
@@ -119,8 +141,11 @@ class Distiller(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 **batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not self.training or labels is None:
+        if labels is None:
             return {"logits": self.student(pixel_values)}
+        if not self.training:
+            logits = self.student(pixel_values)
+            return {"loss": F.cross_entropy(logits.float(), hard_labels(labels)), "logits": logits}
         logits, losses = self.forward_train(pixel_values, labels, **batch)
         return {"loss": sum(losses.values()), "logits": logits, **losses}
 
@@ -130,6 +155,10 @@ class Distiller(nn.Module):
 
     def gt_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.common.gt_loss_weight * self.criterion(logits, labels)
+
+    def kd_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """kd_loss_weight * KD(teacher -> student) at kd_temperature, the logit term of KD, FitNet and PAT."""
+        return self.common.kd_loss_weight * kd_loss(student_logits, teacher_logits, self.common.kd_temperature)
 
     @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Correlation congruence as the reference implements it: the absolute differences between linear embeddings
 of the student's and the teacher's pooled features, multiplied between consecutive samples of the batch
-(SPEC §2). Both embeddings are trained, the teacher's included."""
+(docs/REFERENCE.md, Distillers). Both embeddings are trained, the teacher's included."""
 
 from __future__ import annotations
 

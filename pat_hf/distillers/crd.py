@@ -3,7 +3,9 @@ teacher's embeddings of the same example (positive) and of K examples of other c
 against memory banks indexed by the example's position in the training set.
 
 The batch must carry `index`; the negatives are drawn here from `DistillContext.train_labels`, as the
-reference's dataset drew them (uniformly, with replacement, among the other classes' examples).
+reference's dataset drew them (uniformly, with replacement, among the other classes' examples). A batch may
+instead carry them as `contrast_index` (B, 1 + K): each example's own index first, then its K negatives (how
+reference_check replays the reference's draws).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class CRD(Distiller):
     Arguments = CRDArguments
     requires_stages = True
     batch_keys = ("index",)
+    needs_train_labels = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, common: DistillArguments,
                  hparams: CRDArguments, context: DistillContext):
@@ -66,6 +69,7 @@ class CRD(Distiller):
                                      hparams.crd_momentum)
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
+                      contrast_index: torch.Tensor | None = None,
                       **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if index is None:
             raise ValueError("--distiller crd needs the batch's 'index' (each example's position in the training set)")
@@ -74,8 +78,9 @@ class CRD(Distiller):
         student_embed = F.normalize(self.embed_student(student.pooled.flatten(1)), dim=1)
         teacher_embed = F.normalize(self.embed_teacher(teacher.pooled.flatten(1)), dim=1)
         index = index.long()
-        contrast_index = torch.cat([index.unsqueeze(1), self.negatives(index, self.num_negatives)], dim=1)
-        student_scores, teacher_scores = self.memory(student_embed, teacher_embed, contrast_index)
+        if contrast_index is None:
+            contrast_index = torch.cat([index.unsqueeze(1), self.negatives(index, self.num_negatives)], dim=1)
+        student_scores, teacher_scores = self.memory(student_embed, teacher_embed, contrast_index.long())
         self.memory.update(index, student_embed, teacher_embed)
         num_examples = self.memory.num_examples
         contrast = nce_contrast_loss(student_scores, num_examples) + nce_contrast_loss(teacher_scores, num_examples)

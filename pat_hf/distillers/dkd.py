@@ -1,7 +1,7 @@
 """DKD (Decoupled KD, Zhao et al. 2022): KD split into a target-class term and a non-target-class term.
 
-The reference reads hyper-parameters that do not exist and crashes on its first step (SPEC §6.8); this is the
-formula it evidently meant, with `--dkd-alpha/--dkd-beta/--dkd-temperature`.
+The reference reads hyper-parameters that do not exist and crashes on its first step (docs/REFERENCE.md,
+Distillers); this is the formula it evidently meant, with `--dkd-alpha/--dkd-beta/--dkd-temperature`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """FitNet as PAT's reference rewrote it for heterogeneous pairs: CE + KD + the MSE between each selected
-student stage, aligned onto the teacher stage's grid and width, and that teacher stage (SPEC §2).
+student stage, aligned onto the teacher stage's grid and width, and that teacher stage (docs/REFERENCE.md,
+Distillers).
 
 Both stages are seen as 2-D grids (prefix tokens dropped, tokens laid on their grid), so one aligner family
 covers CNN and token models alike (`GridAligner`). The reference mishandles class tokens and asserts for
-ViT teachers when a student stage is coarser than the teacher's grid (SPEC §6.10); this runs whenever the two
-grids are integer multiples of each other, and says which stage is not otherwise.
+ViT teachers when a student stage is coarser than the teacher's grid (docs/REFERENCE.md, Distillers); this
+runs whenever the two grids are integer multiples of each other, and says which stage is not otherwise.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.distillers.base import DistillArguments, DistillContext, Distiller, register_distiller
-from pat_hf.distillers.kd import kd_loss
-from pat_hf.modules.feature_grid import FeatureGrid
+from pat_hf.distillers.base import (
+    DistillArguments,
+    DistillContext,
+    Distiller,
+    check_stage_selection,
+    register_distiller,
+)
 from pat_hf.modules.grid_aligner import GridAligner
 from pat_hf.modules.projectors import init_weights
-from pat_hf.stages import NUM_STAGES
+from pat_hf.modules.token_grid import FeatureGrid
 
 
 @dataclass
@@ -28,6 +33,9 @@ class FitNetArguments:
     fitnet_stages: list[int] = field(default_factory=lambda: [1, 2, 3, 4],
                                      metadata={"help": "stages (1-4) whose features are matched"})
     fitnet_loss_weight: float = field(default=1.0, metadata={"help": "weight of the feature (hint) loss"})
+
+    def __post_init__(self):
+        check_stage_selection("--fitnet-stages", self.fitnet_stages)
 
 
 @register_distiller("fitnet")
@@ -39,8 +47,6 @@ class FitNet(Distiller):
                  hparams: FitNetArguments, context: DistillContext):
         super().__init__(student, teacher, common, hparams, context)
         stages = hparams.fitnet_stages
-        if not stages or not set(stages) <= set(range(1, NUM_STAGES + 1)) or len(set(stages)) != len(stages):
-            raise ValueError(f"--fitnet-stages takes distinct stages 1-4, got {stages}")
         s, t = self.student_stages, self.teacher_stages
         self.student_grids = {k: FeatureGrid.of(s.stage_shapes[k - 1], context.input_size, s.num_prefix_tokens)
                               for k in stages}
@@ -67,7 +73,6 @@ class FitNet(Distiller):
                    for k in self.hparams.fitnet_stages)
         return student.logits, {
             "loss_gt": self.gt_loss(student.logits, labels),
-            "loss_kd": self.common.kd_loss_weight * kd_loss(student.logits, teacher.logits,
-                                                            self.common.kd_temperature),
+            "loss_kd": self.kd_term(student.logits, teacher.logits),
             "loss_fitnet": self.hparams.fitnet_loss_weight * hint,
         }

@@ -1,12 +1,12 @@
 """OFA (One-for-All KD, Hao et al. 2023): branch classifiers on intermediate student stages learn the teacher's
-logits through the OFA loss, and so do the student's own logits (SPEC §2).
+logits through the OFA loss, and so do the student's own logits (docs/REFERENCE.md, Distillers).
 
 Loss = CE + kd_w * OFA(z_s, z_t, eps_last) + ofa_w * sum over stages OFA(head_k(f_s,k), z_t, eps_k).
 
 The reference sizes every head's width as max(D_s, D_t), the pooled dims from its 224-pixel stage tables,
 which are wrong for narrowed models; we take them from the real models, and `from_reference_state` reads
 the width back from a reference state. For token students (ViT, Swin, MLP) the reference crashes
-(SPEC §6.10); here the prefix tokens are dropped and the grid is merged down to the resolution of a
+(docs/REFERENCE.md, Distillers); here the prefix tokens are dropped and the grid is merged down to the resolution of a
 standard last stage (input side / 32, i.e. the reference's 7 at 224 pixels), whatever its size.
 """
 
@@ -20,10 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.distillers.base import DistillArguments, DistillContext, Distiller, hard_labels, register_distiller
+from pat_hf.distillers.base import (
+    DistillArguments,
+    DistillContext,
+    Distiller,
+    check_stage_selection,
+    hard_labels,
+    register_distiller,
+)
 from pat_hf.modules.branch_heads import MapBranchHead, TokenBranchHead
-from pat_hf.modules.feature_grid import FeatureGrid
 from pat_hf.modules.projectors import init_weights
+from pat_hf.modules.token_grid import FeatureGrid
 from pat_hf.stages import NUM_STAGES
 
 # The resolution of a standard last stage, relative to the input (7 at 224 pixels).
@@ -40,6 +47,12 @@ class OFAArguments:
                                  metadata={"help": "student stages (1-4) that get a branch classifier"})
     ofa_loss_weight: float = field(default=1.0, metadata={"help": "weight of the branch classifiers' loss"})
     ofa_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the OFA loss"})
+
+    def __post_init__(self):
+        check_stage_selection("--ofa-stage", self.ofa_stage)
+        if len(self.ofa_eps) not in (1, len(self.ofa_stage) + 1):
+            raise ValueError(f"--ofa-eps needs 1 or {len(self.ofa_stage) + 1} values (one per stage and one for "
+                             f"the logits), got {self.ofa_eps}")
 
 
 def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target_mask: torch.Tensor, eps: float,
@@ -62,11 +75,6 @@ class OFA(Distiller):
                  hparams: OFAArguments, context: DistillContext, head_width: int | None = None):
         super().__init__(student, teacher, common, hparams, context)
         stages = hparams.ofa_stage
-        if not stages or not set(stages) <= set(range(1, NUM_STAGES + 1)) or len(set(stages)) != len(stages):
-            raise ValueError(f"--ofa-stage takes distinct stages 1-4, got {stages}")
-        if len(hparams.ofa_eps) not in (1, len(stages) + 1):
-            raise ValueError(f"--ofa-eps needs 1 or {len(stages) + 1} values (one per stage and one for the "
-                             f"logits), got {hparams.ofa_eps}")
         self.eps = (list(hparams.ofa_eps) * (len(stages) + 1))[: len(stages) + 1]
         student_stages = self.student_stages
         if head_width is None:

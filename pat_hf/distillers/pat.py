@@ -1,10 +1,11 @@
-"""PAT: Perspective-Aware Teaching (SPEC §3).
+"""PAT: Perspective-Aware Teaching (docs/REFERENCE.md, PAT).
 
 Loss = CE(student) + KD(unprompted teacher -> student)
      + sum over stages of HCL(aligned student stage, prompted-teacher stage)
      + KL(unprompted teacher -> prompted teacher).
 Prompt blocks before the selected teacher stages are fed the previous step's detached student-teacher gap;
 region-aware attention mixes the student's stages before each is aligned to its teacher stage.
+`--pat-mode` chooses the published code's quirks (all of them) or none (docs/REFERENCE.md, Quirks).
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from functools import partial
 import torch
 from torch import nn
 
-from pat_hf.distillers.base import Distiller, register_distiller
-from pat_hf.distillers.kd import kd_loss
+from pat_hf.distillers.base import Distiller, check_stage_selection, kd_loss, register_distiller
 from pat_hf.modules.hcl import hierarchical_context_loss
 from pat_hf.modules.projectors import build_projector
 from pat_hf.modules.prompt_block import PromptBlock
-from pat_hf.modules.region_attention import RegionAttention
-from pat_hf.modules.shapes import Shape, grid_token_count, is_map, split_grid_tokens
-from pat_hf.stages import NUM_STAGES
+from pat_hf.modules.quirks import PATQuirks
+from pat_hf.modules.region_attention import RegionAttention, check_region_attention
+from pat_hf.modules.token_grid import FeatureGrid
+from pat_hf.stages import NUM_STAGES, StageLayer
 
-PAT_MODES = ("reference", "corrected")
+QUIRKS_OF_MODE = {"reference": PATQuirks.all(True), "corrected": PATQuirks.all(False)}
+PAT_MODES = tuple(QUIRKS_OF_MODE)
 
 
 @dataclass
@@ -36,7 +38,23 @@ class PATArguments:
     pat_raa_num_queries: int = field(default=64, metadata={"help": "region-attention tokens, 4*k*k"})
     pat_raa_dim: int = field(default=512, metadata={"help": "region-attention width (divisible by 8)"})
     pat_mode: str = field(default="reference", metadata={
-        "help": "reference: reproduce the published code, defects included; corrected: fix them (README)"})
+        "help": "reference: reproduce the published code, quirks included; corrected: without them "
+                "(docs/REFERENCE.md, Quirks)"})
+
+    def __post_init__(self):
+        if self.pat_mode not in PAT_MODES:
+            raise ValueError(f"--pat-mode must be one of {PAT_MODES}, got {self.pat_mode!r}")
+        check_stage_selection("--pat-afp-stage", self.pat_afp_stage, distinct=False)
+        check_region_attention(self.pat_raa_num_queries, self.pat_raa_dim)
+
+    @property
+    def quirks(self) -> PATQuirks:
+        return QUIRKS_OF_MODE[self.pat_mode]
+
+
+def _grids(stages: StageLayer, shapes: list[tuple[int, ...]], quirks: PATQuirks) -> list[FeatureGrid]:
+    return [FeatureGrid.of(shape, stages.input_size, stages.num_prefix_tokens,
+                           last_token_as_class=quirks.last_token_as_class) for shape in shapes]
 
 
 @register_distiller("pat")
@@ -46,36 +64,22 @@ class PAT(Distiller):
 
     def __init__(self, student, teacher, common, hparams: PATArguments, context):
         super().__init__(student, teacher, common, hparams, context)
-        if hparams.pat_mode not in PAT_MODES:
-            raise ValueError(f"--pat-mode must be one of {PAT_MODES}, got {hparams.pat_mode!r}")
-        if not set(hparams.pat_afp_stage) <= set(range(1, NUM_STAGES + 1)):
-            raise ValueError(f"--pat-afp-stage takes stages 1-4, got {hparams.pat_afp_stage}")
-        self.faithful = hparams.pat_mode == "reference"
-        teacher_prefix = self.teacher_stages.num_prefix_tokens
-        self.target_shapes = [self._target_shape(s, teacher_prefix) for s in self.teacher_stages.stage_shapes]
+        quirks = hparams.quirks
+        t = self.teacher_stages
+        self.teacher_grids = _grids(t, t.stage_shapes, quirks)
         self.prompt_blocks = nn.ModuleDict({
-            str(k - 1): PromptBlock(self.target_shapes[k - 1], self.teacher_stages.stage_input_shapes[k - 1],
-                                    faithful=self.faithful, num_prefix_tokens=teacher_prefix)
+            str(k - 1): PromptBlock(self.teacher_grids[k - 1].grid_shape, t.stage_input_shapes[k - 1],
+                                    context.input_size, quirks, t.num_prefix_tokens)
             for k in sorted(set(hparams.pat_afp_stage))
         })
         self.region_attention = RegionAttention(
-            self.student_stages.stage_shapes, num_queries=hparams.pat_raa_num_queries, dim=hparams.pat_raa_dim,
-            faithful=self.faithful, num_prefix_tokens=self.student_stages.num_prefix_tokens)
-        self.aligners = nn.ModuleList(build_projector(self.region_attention.token_shape, shape)
-                                      for shape in self.target_shapes)
+            _grids(self.student_stages, self.student_stages.stage_shapes, quirks),
+            num_queries=hparams.pat_raa_num_queries, dim=hparams.pat_raa_dim,
+            batch_indexed_position=quirks.batch_indexed_position)
+        self.aligners = nn.ModuleList(build_projector(self.region_attention.token_shape, grid.grid_shape)
+                                      for grid in self.teacher_grids)
         self._feedback_student: list[torch.Tensor] | None = None
         self._feedback_teacher: list[torch.Tensor] | None = None
-
-    def _target_shape(self, shape: Shape, num_prefix_tokens: int) -> Shape:
-        if is_map(shape):
-            return shape
-        return (grid_token_count(shape[0], faithful=self.faithful, num_prefix_tokens=num_prefix_tokens), shape[1])
-
-    def _teacher_target(self, feature: torch.Tensor) -> torch.Tensor:
-        if feature.ndim == 4:
-            return feature
-        return split_grid_tokens(feature, faithful=self.faithful,
-                                 num_prefix_tokens=self.teacher_stages.num_prefix_tokens)[0]
 
     def _feedback(self, batch_size: int) -> list[torch.Tensor | None]:
         """The previous step's gap per stage, or none when there is no previous step of the same batch size."""
@@ -92,8 +96,10 @@ class PAT(Distiller):
 
         aligned = [aligner(tokens) for aligner, tokens in
                    zip(self.aligners, self.region_attention(student.stages))]
-        targets = [self._teacher_target(feature) for feature in prompted.stages]
-        feature_loss = sum(hierarchical_context_loss(a, t) for a, t in zip(aligned, targets))
+        # The prompted teacher's stages without their set-aside tokens, as the aligned student stages are.
+        targets = [grid.grid_part(feature) for grid, feature in zip(self.teacher_grids, prompted.stages)]
+        feature_loss = sum(hierarchical_context_loss(grid.grid_to_map(a), grid.grid_to_map(t))
+                           for grid, a, t in zip(self.teacher_grids, aligned, targets))
         # Contiguous, as a checkpoint restores them: a resumed run then computes exactly what an uninterrupted one
         # does (kernels may round differently on other memory layouts).
         self._feedback_student = [a.detach().contiguous() for a in aligned]
@@ -102,8 +108,7 @@ class PAT(Distiller):
         hp = self.hparams
         return student.logits, {
             "loss_gt": self.gt_loss(student.logits, labels),
-            "loss_kd": self.common.kd_loss_weight * kd_loss(student.logits, teacher_logits,
-                                                            self.common.kd_temperature),
+            "loss_kd": self.kd_term(student.logits, teacher_logits),
             "loss_pat_mse": hp.pat_mse_loss_weight * feature_loss,
             "loss_pat_reg": hp.pat_reg_loss_weight * kd_loss(prompted.logits, teacher_logits),
         }

@@ -1,5 +1,5 @@
 """RKD (Relational KD, Park et al. 2019): match the teacher's pairwise distances and triplet angles between the
-pooled features of a batch (SPEC §2)."""
+pooled features of a batch (docs/REFERENCE.md, Distillers)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from pat_hf.modules.shapes import Shape, channels, is_map, side
+from pat_hf.modules.token_grid import Shape, channels, is_map
 
 
 def init_weights(module: nn.Module) -> None:
@@ -32,18 +32,23 @@ def init_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def _square_side(num_tokens: int) -> int:
+    # Tokens meet maps here only at region attention's outputs, which lie on a square grid.
+    return math.isqrt(num_tokens)
+
+
 class MapToMap(nn.Module):
-    """Nearest resize to the target side, BatchNorm, 1x1 conv."""
+    """Nearest resize to the target's height and width, BatchNorm, 1x1 conv."""
 
     def __init__(self, in_shape: Shape, out_shape: Shape):
         super().__init__()
-        self.out_side = side(out_shape)
+        self.out_size = tuple(out_shape[-2:])
         self.proj = nn.Sequential(nn.BatchNorm2d(channels(in_shape)),
                                   nn.Conv2d(channels(in_shape), channels(out_shape), 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.out_side:
-            x = F.interpolate(x, size=(self.out_side, self.out_side), mode="nearest")
+        if tuple(x.shape[-2:]) != self.out_size:
+            x = F.interpolate(x, size=self.out_size, mode="nearest")
         return self.proj(x)
 
 
@@ -66,7 +71,7 @@ class TokensToMap(MapToMap):
     """Tokens laid out on their square grid, then as MapToMap."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1])))
+        return super().forward(rearrange(x, "b (h w) c -> b c h w", h=_square_side(x.shape[1])))
 
 
 class MapToTokens(nn.Module):
@@ -74,14 +79,14 @@ class MapToTokens(nn.Module):
 
     def __init__(self, in_shape: Shape, out_shape: Shape):
         super().__init__()
-        grid = side(out_shape)
-        self.patch = math.ceil(side(in_shape) / grid)
-        self.in_side = self.patch * grid
-        self.proj = nn.Conv2d(channels(in_shape), channels(out_shape), self.patch, stride=self.patch)
+        grid = _square_side(out_shape[0])
+        patch = tuple(math.ceil(size / grid) for size in in_shape[-2:])
+        self.in_size = tuple(p * grid for p in patch)
+        self.proj = nn.Conv2d(channels(in_shape), channels(out_shape), patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] < self.in_side:
-            x = F.interpolate(x, size=(self.in_side, self.in_side), mode="nearest")
+        if tuple(x.shape[-2:]) != self.in_size:
+            x = F.interpolate(x, size=self.in_size, mode="nearest")
         return rearrange(self.proj(x), "b c h w -> b (h w) c")
 
 

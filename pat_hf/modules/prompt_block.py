@@ -1,10 +1,9 @@
 """PAT's adaptive feedback prompt (AFP): a prompt added to the input of one teacher stage.
 
 x <- x + beta * Prompt(Fusion(x, feedback)), where the feedback is the previous step's (aligned student -
-prompted teacher) gap at the output of the same stage. `faithful=True` reproduces the reference exactly,
-including two defects (SPEC §6.1, 6.2, 6.4): the squeeze-excitation returns its gate only, so the prompt is
-constant over space; and sequences are turned back from the 2-D map with a reshape instead of a permute, with
-the *last* token set aside as if it were the class token. `faithful=False` fixes all three.
+prompted teacher) gap at the output of the same stage. Three of PAT's quirks live here (docs/REFERENCE.md,
+Quirks): the gate-only squeeze-excitation makes the prompt constant over space; a token sequence goes back from
+its 2-D map by a reshape instead of a permute; and the reference's last-token-as-class layout of sequences.
 """
 
 from __future__ import annotations
@@ -14,7 +13,8 @@ from einops import rearrange
 from torch import nn
 
 from pat_hf.modules.projectors import build_projector
-from pat_hf.modules.shapes import Shape, channels, grid_token_count, is_map, is_square, side, split_grid_tokens
+from pat_hf.modules.quirks import PATQuirks
+from pat_hf.modules.token_grid import FeatureGrid, Shape, channels, is_map
 
 
 class SqueezeExcitation(nn.Module):
@@ -52,46 +52,40 @@ def _prompt(dim: int, gate_only: bool) -> nn.Sequential:
     )
 
 
-def _same_grid(a: Shape, b: Shape) -> bool:
-    return side(a) == side(b) and channels(a) == channels(b)
-
-
 class PromptBlock(nn.Module):
-    """Prompt for one teacher stage. `feedback_shape`: the stage's output; `input_shape`: the stage's input."""
+    """Prompt for one teacher stage. `feedback_shape`: the stage's output without set-aside tokens;
+    `input_shape`: the stage's input, prefix tokens included; `input_size`: the image's (C, H, W)."""
 
-    def __init__(self, feedback_shape: Shape, input_shape: Shape, *, faithful: bool, num_prefix_tokens: int = 0):
+    def __init__(self, feedback_shape: Shape, input_shape: Shape, input_size: tuple[int, ...], quirks: PATQuirks,
+                 num_prefix_tokens: int = 0):
         super().__init__()
         dim = channels(input_shape)
-        self.faithful = faithful
-        self.num_prefix_tokens = num_prefix_tokens
-        # The corrected mode's feedback carries no prefix tokens; the reference's goes through the same split as x.
-        target_shape = input_shape if faithful or is_map(input_shape) else (
-            grid_token_count(input_shape[0], faithful=False, num_prefix_tokens=num_prefix_tokens), input_shape[1])
-        self.feedback_aligner = (nn.Identity() if _same_grid(feedback_shape, target_shape)
-                                 else build_projector(feedback_shape, target_shape))
-        self.fusion = _fusion(dim, gate_only=faithful)
-        self.prompt = _prompt(dim, gate_only=faithful)
+        self.reshape_instead_of_permute = quirks.reshape_instead_of_permute
+        layout = {"last_token_as_class": quirks.last_token_as_class}
+        self.input_grid = FeatureGrid.of(input_shape, input_size, num_prefix_tokens, **layout)
+        # The reference aligns the feedback to the stage's whole input sequence and then sets its "class token"
+        # aside as it does x's; otherwise the feedback is aligned to the input's grid tokens alone.
+        target_shape = input_shape if is_map(input_shape) or quirks.last_token_as_class else self.input_grid.grid_shape
+        self.feedback_grid = FeatureGrid.of(target_shape, input_size, **layout)
+        same_grid = FeatureGrid.of(feedback_shape, input_size, **layout) == self.feedback_grid
+        self.feedback_aligner = nn.Identity() if same_grid else build_projector(feedback_shape, target_shape)
+        self.fusion = _fusion(dim, gate_only=quirks.gate_only_excitation)
+        self.prompt = _prompt(dim, gate_only=quirks.gate_only_excitation)
         # A zero-initialised conv made the reference diverge (NaN); it starts the blend weight at 0 instead.
         self.beta = nn.Parameter(torch.zeros(1))
-        if not is_map(input_shape) and not is_square(target_shape[0]) and not faithful:
-            raise ValueError(f"a prompt needs a square token grid, got {target_shape[0]} tokens")
 
     def forward(self, x: torch.Tensor, feedback: torch.Tensor | None = None) -> torch.Tensor:
         if feedback is not None:
-            feedback = self.feedback_aligner(feedback)
+            feedback = self.feedback_grid.to_map(self.feedback_aligner(feedback))
         if x.ndim == 4:
             return x + self.beta * self.prompt(self._fuse(x, feedback))
-        x, aside = split_grid_tokens(x, faithful=self.faithful, num_prefix_tokens=self.num_prefix_tokens)
-        grid = rearrange(x, "b (h w) c -> b c h w", h=side(x.shape[1:]))
-        if feedback is not None:
-            if self.faithful:
-                feedback = split_grid_tokens(feedback, faithful=True, num_prefix_tokens=0)[0]
-            feedback = rearrange(feedback, "b (h w) c -> b c h w", h=grid.shape[-1])
+        tokens, aside = self.input_grid.split(x)
+        grid = self.input_grid.grid_to_map(tokens)
         grid = grid + self.beta * self.prompt(self._fuse(grid, feedback))
-        if self.faithful:
-            # The reference's reshape: channels and tokens come back scrambled (SPEC §6.1).
-            return torch.cat([grid.reshape(x.shape), aside], dim=1)
-        return torch.cat([aside, rearrange(grid, "b c h w -> b (h w) c")], dim=1)
+        if self.reshape_instead_of_permute:
+            # Channels and tokens come back scrambled (docs/REFERENCE.md, Quirks).
+            return self.input_grid.join(grid.reshape(tokens.shape), aside)
+        return self.input_grid.join(rearrange(grid, "b c h w -> b (h w) c"), aside)
 
     def _fuse(self, x: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
         return x if feedback is None else self.fusion(torch.cat([x, feedback], dim=1))

@@ -2,10 +2,9 @@
 
 Every student stage is patch-embedded onto a small square grid of tokens (n = num_queries / 4 per stage); the
 4n tokens attend to each other (queries, keys and values all from the student, no residual, no output
-projection) and come back split by stage. `faithful=True` reproduces the reference's positional encoding,
-which is indexed by the sample's position in the batch (SPEC §6.3), and its choice of the *last* token as
-the one to drop from a non-square sequence (§6.2); `faithful=False` indexes the encoding by token and drops
-the model's prefix tokens.
+projection) and come back split by stage. `batch_indexed_position` is the reference's quirk of adding the
+positional-encoding row of the sample's place in the batch instead of one row per token (docs/REFERENCE.md,
+Quirks); how a token stage is laid on its grid comes with the stage's `FeatureGrid`.
 """
 
 from __future__ import annotations
@@ -17,9 +16,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from pat_hf.modules.shapes import Shape, channels, is_map, side, split_grid_tokens
+from pat_hf.modules.token_grid import FeatureGrid
 
 NUM_STAGES = 4
+NUM_HEADS = 8
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -32,57 +32,58 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table.unsqueeze(1)
 
 
-class StagePatchEmbed(nn.Module):
-    """One student stage onto a grid x grid token layout with a patch-embedding conv."""
+def check_region_attention(num_queries: int, dim: int, heads: int = NUM_HEADS) -> None:
+    """The sizes region attention can be built with (`--pat-raa-num-queries`, `--pat-raa-dim`)."""
+    tokens_per_stage = num_queries // NUM_STAGES
+    if num_queries % NUM_STAGES or math.isqrt(tokens_per_stage) ** 2 != tokens_per_stage:
+        raise ValueError(f"--pat-raa-num-queries must be 4*k*k (16, 36, 64, 100, 144, ...), got {num_queries}")
+    if dim % heads or dim % 2:
+        raise ValueError(f"--pat-raa-dim must be even and divisible by {heads} heads, got {dim}")
 
-    def __init__(self, shape: Shape, grid: int, dim: int, *, faithful: bool, num_prefix_tokens: int = 0):
+
+class StagePatchEmbed(nn.Module):
+    """One student stage onto a side x side token layout with a patch-embedding conv."""
+
+    def __init__(self, grid: FeatureGrid, side: int, dim: int):
         super().__init__()
-        self.faithful = faithful
-        self.num_prefix_tokens = num_prefix_tokens
-        patch = math.ceil(side(shape) / grid)
-        self.in_side = patch * grid
-        self.proj = nn.Conv2d(channels(shape), dim, patch, stride=patch)
+        self.grid = grid
+        patch = tuple(math.ceil(size / side) for size in grid.size)
+        self.in_size = tuple(p * side for p in patch)
+        self.proj = nn.Conv2d(grid.channels, dim, patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 3:
-            x = split_grid_tokens(x, faithful=self.faithful, num_prefix_tokens=self.num_prefix_tokens)[0]
-            x = rearrange(x, "b (h w) c -> b c h w", h=math.isqrt(x.shape[1]))
-        if x.shape[-1] < self.in_side:
-            x = F.interpolate(x, size=(self.in_side, self.in_side), mode="nearest")
+        x = self.grid.to_map(x)
+        if tuple(x.shape[-2:]) != self.in_size:
+            x = F.interpolate(x, size=self.in_size, mode="nearest")
         return rearrange(self.proj(x), "b c h w -> b (h w) c")
 
 
 class RegionAttention(nn.Module):
-    def __init__(self, stage_shapes: list[Shape], *, num_queries: int = 64, dim: int = 512, heads: int = 8,
-                 faithful: bool, num_prefix_tokens: int = 0):
+    """`stage_grids`: the layout of each student stage."""
+
+    def __init__(self, stage_grids: list[FeatureGrid], *, num_queries: int = 64, dim: int = 512,
+                 heads: int = NUM_HEADS, batch_indexed_position: bool):
         super().__init__()
-        tokens_per_stage = num_queries // NUM_STAGES
-        grid = math.isqrt(tokens_per_stage)
-        if num_queries % NUM_STAGES or grid * grid != tokens_per_stage:
-            raise ValueError(f"--pat-raa-num-queries must be 4*k*k (16, 36, 64, 100, 144, ...), got {num_queries}")
-        if dim % heads or dim % 2:
-            raise ValueError(f"--pat-raa-dim must be even and divisible by {heads} heads, got {dim}")
-        self.faithful = faithful
+        check_region_attention(num_queries, dim, heads)
+        self.batch_indexed_position = batch_indexed_position
         self.heads = heads
-        self.tokens_per_stage = tokens_per_stage
-        self.projectors = nn.ModuleList(
-            StagePatchEmbed(shape, grid, dim, faithful=faithful,
-                            num_prefix_tokens=0 if is_map(shape) else num_prefix_tokens)
-            for shape in stage_shapes)
+        self.tokens_per_stage = num_queries // NUM_STAGES
+        side = math.isqrt(self.tokens_per_stage)
+        self.projectors = nn.ModuleList(StagePatchEmbed(grid, side, dim) for grid in stage_grids)
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(dim, 2 * dim)
         self.register_buffer("positional_encoding", sinusoidal_table(5000, dim))
 
     @property
-    def token_shape(self) -> Shape:
+    def token_shape(self) -> tuple[int, int]:
         return (self.tokens_per_stage, self.norm.normalized_shape[0])
 
     def forward(self, stage_features: list[torch.Tensor]) -> list[torch.Tensor]:
         tokens = self.norm(torch.cat([proj(f) for proj, f in zip(self.projectors, stage_features)], dim=1))
         q = self.to_q(tokens)
         k, v = self.to_kv(tokens).chunk(2, dim=-1)
-        if self.faithful:
+        if self.batch_indexed_position:
             position = self.positional_encoding[: tokens.shape[0]]  # (B, 1, dim): one vector per sample
         else:
             position = rearrange(self.positional_encoding[: tokens.shape[1]], "n 1 d -> 1 n d")

@@ -1,0 +1,98 @@
+"""What the training loop measures besides the Trainer's own loss: the distiller's loss components, averaged
+over the steps of a logging window and of an epoch and over the processes, the images per second, and the
+per-epoch rows of OUTPUT_DIR/summary.csv (the reference writes the same file)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+SUMMARY_FILE = "summary.csv"
+# Evaluation metrics that go into summary.csv: loss, top-1 and top-5 of the raw and of every EMA student.
+_SUMMARY_EVAL_KEY = re.compile(r"^eval_(ema\d*_)?(loss|top1|top5)$|^eval_max_top1$")
+
+
+class LossSums:
+    """Running sums of `loss*` outputs over training steps."""
+
+    def __init__(self, with_total: bool):
+        # The Trainer logs the total loss of a logging window itself; an epoch's mean needs it here.
+        self.with_total = with_total
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, outputs: dict[str, torch.Tensor]) -> None:
+        for key, value in outputs.items():
+            if key.startswith("loss") and (self.with_total or key != "loss"):
+                value = value.detach().float()
+                total = self.sums.get(key)
+                self.sums[key] = value if total is None else total + value
+        self.steps += 1
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """Per-step means, averaged over the processes (every process must call this)."""
+        if not self.steps:
+            return {}
+        keys = sorted(self.sums)
+        means = accelerator.reduce(torch.stack([self.sums[k] for k in keys]) / self.steps, reduction="mean")
+        return {k: float(v) for k, v in zip(keys, means)}
+
+
+class TrainingMeters:
+    """The loss components of the current logging window and epoch, and the window's throughput."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.window = LossSums(with_total=False)
+        self.epoch = LossSums(with_total=True)
+        self._images = 0
+        self._window_start = time.perf_counter()
+
+    def add(self, outputs: dict[str, torch.Tensor], batch_size: int) -> None:
+        self.window.add(outputs)
+        self.epoch.add(outputs)
+        self._images += batch_size
+
+    def window_logs(self, device: torch.device) -> dict[str, float]:
+        """The window's mean components and images per second (all processes together); starts a new window."""
+        if not self.window.steps:
+            return {}
+        logs = {k: round(v, 6) for k, v in self.window.means(self.accelerator).items()}
+        images = self.accelerator.reduce(torch.tensor(float(self._images), device=device), "sum")
+        now = time.perf_counter()
+        logs["train_images_per_second"] = round(float(images) / max(now - self._window_start, 1e-9), 2)
+        self.window.reset()
+        self._images, self._window_start = 0, now
+        return logs
+
+
+def write_summary_row(output_dir: str, epoch: float, lr: float | None, train_means: dict[str, float],
+                      eval_metrics: dict[str, Any]) -> None:
+    """One row of OUTPUT_DIR/summary.csv per epoch: epoch-mean training losses, the rate, and the epoch's
+    evaluation of the raw and EMA students. Rows of epochs that a resumed run repeats are replaced."""
+    epoch = round(epoch, 4)
+    row = {"epoch": epoch, "lr": lr,
+           **{("train_loss" if k == "loss" else k): v for k, v in train_means.items()},
+           **{k: v for k, v in eval_metrics.items() if _SUMMARY_EVAL_KEY.match(k)}}
+    path = os.path.join(output_dir, SUMMARY_FILE)
+    header, rows = list(row), []
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or []) + [k for k in row if k not in (reader.fieldnames or [])]
+            rows = [r for r in reader if float(r["epoch"]) < epoch]
+    partial = path + ".partial"
+    with open(partial, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows([*rows, row])
+    os.replace(partial, path)
