@@ -41,7 +41,7 @@ from pat_hf.data import (
 from pat_hf.distillers import DistillContext, get_distiller_class
 from pat_hf.hub import ModelCardInfo, export_student, push_student
 from pat_hf.metrics import TopkMetrics, top_k_indices
-from pat_hf.models import create_model, create_teacher, load_weights
+from pat_hf.models import create_model, create_teacher, exported_model_kwargs, load_weights
 from pat_hf.trainer import DistillationTrainer
 
 logger = logging.getLogger("pat_hf")
@@ -90,16 +90,19 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     student_kwargs = {"drop_rate": args.model.drop, **args.model.model_kwargs}
     if args.model.drop_path is not None:
         student_kwargs["drop_path_rate"] = args.model.drop_path
-    student = create_model(args.model.model, num_classes, student_kwargs, pretrained=args.model.pretrained)
+    student = create_model(args.model.model, num_classes, student_kwargs, pretrained=args.model.pretrained,
+                           img_size=args.model.img_size)
     if args.model.initial_checkpoint:
         load_weights(student, args.model.initial_checkpoint)
+    img_size = args.model.img_size or args.model.model_kwargs.get("img_size")
+    data_config = resolve_data_config_for(args.data, student, img_size, source)
+    # The teacher sees the student's inputs, so it is built for their size too (--img-size or the student's).
+    input_height, input_width = data_config["input_size"][1:]
     teacher = None
     if args.model.teacher:
         teacher = create_teacher(args.model.teacher, args.model.teacher_pretrained, num_classes,
-                                 args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher)
-
-    img_size = args.model.img_size or args.model.model_kwargs.get("img_size")
-    data_config = resolve_data_config_for(args.data, student, img_size, source)
+                                 args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher,
+                                 img_size=(input_height, input_width))
     batch_size = args.training.per_device_train_batch_size
     mixup = build_mixup(args.data, num_classes, batch_size)
     distiller_cls = get_distiller_class(args.distill.distiller)
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             exported.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors only
         student_dir = export_student(
             exported, os.path.join(args.training.output_dir, "student"),
-            model_kwargs=args.model.model_kwargs, data_config=data_config,
+            model_kwargs=exported_model_kwargs(student, args.model.model_kwargs, args.model.img_size),
+            data_config=data_config,
             class_names=class_names_of(train_set), card=card)
         logger.info("exported the student to %s", student_dir)
         if args.training.push_student_to_hub:
