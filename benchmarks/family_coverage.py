@@ -46,7 +46,7 @@ DISTILLERS = [
     ("pat-corrected", "pat", {"pat_mode": "corrected"}),
 ]
 ROLES = ("teacher", "student")
-SIZES = (32, 64, 96, 128, 160, 192, 224, 256)
+SIZES = (32, 48, 64, 72, 96, 112, 120, 128, 160, 192, 224, 256)  # then the variant's own size
 NUM_CLASSES = 10
 BATCH_SIZE = 2
 STEPS = 2
@@ -133,7 +133,8 @@ def prepare_family(module: str, sizes: tuple[int, ...], timeout: float) -> Famil
     family.variant, family.params = found
     first_running: tuple[int, nn.Module, str] | None = None
     errors = []
-    for size in sizes:
+    own_size = timm.models.get_pretrained_cfg(family.variant).input_size[-1]
+    for size in dict.fromkeys([*sizes, own_size]):
         try:
             with time_limit(timeout):
                 torch.manual_seed(0)

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
+from timm.models.nest import deblockify
 from torch import nn
 
 NUM_STAGES = 4
@@ -199,12 +200,10 @@ def _feature_rule_widest_branch(model: nn.Module, entries: list[FeatureEntry]) -
 
 
 @_register(_FEATURE_RULES, "HighResolutionNet")
-def _feature_rule_hrnet_head(model: nn.Module, entries: list[FeatureEntry]) -> list[FeatureEntry]:
-    # The classifier's path is sequential only after the parallel branches: each resolution's incre module
-    # output is merged into the downsampled sum of the finer ones. Its stages: the finest incre output, the
-    # two downsampled sums, and the final layer.
-    return [FeatureEntry("incre_modules.0", 4), FeatureEntry("downsamp_modules.0", 8),
-            FeatureEntry("downsamp_modules.1", 16), FeatureEntry("final_layer", 32)]
+def _feature_rule_hrnet_incre_modules(model: nn.Module, entries: list[FeatureEntry]) -> list[FeatureEntry]:
+    # feature_info names `stem` and `stageN`, which are no modules (or give all branches at once); the widths
+    # it gives are those of the classifier's incre modules, one per branch, finest first.
+    return [replace(e, module=f"incre_modules.{i}") for i, e in enumerate(entries[1:])]
 
 
 @_register(_STAGE_RULES, "SwinTransformer")
@@ -228,6 +227,18 @@ def _token_order_hiera_units(model: nn.Module, module: str, is_input: bool) -> t
     count = math.prod(size)
     positions = torch.arange(count, dtype=torch.float32).reshape(1, count, 1)
     return model.reroll(positions, block).flatten().long()
+
+
+@_register(_TOKEN_ORDER_RULES, "Nest")
+def _token_order_nest_image_blocks(model: nn.Module, module: str, is_input: bool) -> torch.Tensor | None:
+    """NesT's transformer blocks see (B, image blocks, tokens per block, C); deblockify says where each is."""
+    match = re.fullmatch(r"levels\.(\d+)\.transformer_encoder\.\d+", module)
+    if not match:
+        return None
+    level = model.levels[int(match.group(1))]
+    blocks, tokens = level.pos_embed.shape[1:3]
+    positions = torch.arange(blocks * tokens, dtype=torch.float32).reshape(1, blocks, tokens, 1)
+    return deblockify(positions, level.block_size).flatten().long()
 
 
 # ---- choosing the four stages -------------------------------------------------------------------------------
@@ -286,7 +297,7 @@ def _layout_of(x: torch.Tensor, channels: tuple[int, ...], preferred: str) -> st
         return "NLC" if not channels or x.shape[-1] in channels else None
     first, last = (not channels or x.shape[1] in channels), (not channels or x.shape[-1] in channels)
     if first and last:
-        return preferred
+        return "NHWC" if preferred == "NHWC" else "NCHW"
     return "NCHW" if first else "NHWC" if last else None
 
 
@@ -299,17 +310,25 @@ class _Probe:
     shape: tuple[int, ...]
 
 
+def _positions_of(x: torch.Tensor, layout: str) -> int:
+    return x.shape[1] if layout == "NLC" else math.prod(x.shape[2:] if layout == "NCHW" else x.shape[1:3])
+
+
 def _probe_tensor(raw: Any, channels: tuple[int, ...], preferred: str) -> _Probe | None:
+    """The stage tensor among those of an output or argument tuple: of the expected width, the one with the most
+    positions (PiT's feature map rather than its class token), the preferred layout on ties."""
+    rank = {"NCHW": ("NCHW", "NLC", "NHWC"), "NHWC": ("NHWC", "NLC", "NCHW"),
+            "NLC": ("NLC", "NCHW", "NHWC")}[preferred]
     candidates = list(_tensors(raw))
-    for wanted in ("NCHW", "NLC", "NHWC") if preferred == "NCHW" else ("NHWC", "NLC", "NCHW"):
-        for path, x in candidates:
-            if _layout_of(x, channels, preferred) == wanted:
-                return _Probe(path, wanted, tuple(x.shape[1:]))
-    if len(candidates) == 1 and channels:
+    matches = [(path, x, layout) for path, x in candidates if (layout := _layout_of(x, channels, preferred))]
+    if not matches and len(candidates) == 1 and channels:
         # feature_info's width is not always the tensor's (HRNet's incre modules); a lone tensor is it.
         path, x = candidates[0]
-        return _Probe(path, _layout_of(x, (), preferred), tuple(x.shape[1:]))
-    return None
+        matches = [(path, x, _layout_of(x, (), preferred))]
+    if not matches:
+        return None
+    path, x, layout = max(reversed(matches), key=lambda m: (_positions_of(m[1], m[2]), -rank.index(m[2])))
+    return _Probe(path, layout, tuple(x.shape[1:]))
 
 
 class _Recorder:
@@ -388,30 +407,45 @@ def _block_lists(module: nn.Module, prefix: str) -> list[list[str]]:
     for name, sub in module.named_modules():
         if isinstance(sub, (nn.Sequential, nn.ModuleList)) and len(sub) >= 2:
             base = f"{prefix}.{name}" if name else prefix
-            found.append((name.count(".") + bool(name), -len(sub), [f"{base}.{i}" for i in range(len(sub))]))
-    return [names for _, _, names in sorted(found, key=lambda f: f[:2])]
+            blocks = [f"{base}.{child}" for child, _ in sub.named_children()]
+            found.append((name.count(".") + bool(name), -len(sub), blocks))
+    return [blocks for _, _, blocks in sorted(found, key=lambda f: f[:2])]
+
+
+def _positions(probe: _Probe, model: nn.Module, input_size, reduction: float) -> int:
+    if probe.layout == "NLC":
+        return probe.shape[0] - _prefix_count(probe.shape[0], model, input_size, (reduction,))
+    return math.prod(probe.shape[1:] if probe.layout == "NCHW" else probe.shape[:2])
 
 
 def _inner_blocks(model: nn.Module, input_size, entry: FeatureEntry) -> list[str]:
     """The blocks of the first block list inside the entry's module that run once each, in order, and each
-    give a tensor of the entry's layout and shape; [] if there is none."""
+    give a tensor of the entry's width and resolution; [] if there is none. Their layout may differ from the
+    entry's if they are row-major tokens (PiT's blocks, before the tokens are laid back on the grid) or if
+    a token-order rule says where their tokens belong (NesT's image blocks)."""
     candidates = _block_lists(model.get_submodule(entry.module), entry.module)
     if not candidates:
         return []
     names = [name for names in candidates for name in names]
     recorder = _Recorder(model, [entry.module, *dict.fromkeys(names)]).run(input_size)
     preferred = _model_layout(model)
-    channels = (entry.channels,) if entry.channels else ()
-    target = _probe_tensor(recorder.output(entry.module), channels, preferred)
+    target = _probe_tensor(recorder.output(entry.module), (entry.channels,) if entry.channels else (), preferred)
+    width = _channels(target)
+    positions = _positions(target, model, input_size, entry.reduction)
+    reordered = type(model).__name__ in _TOKEN_ORDER_RULES
+
+    def fits(out: Any) -> bool:
+        probe = _probe_tensor(out, (width,), preferred) if out is not None else None
+        if probe is None or _channels(probe) != width:
+            return False
+        if probe.layout == target.layout:
+            return probe.shape == target.shape
+        return (probe.layout == "NLC" or reordered) and _positions(probe, model, input_size,
+                                                                  entry.reduction) == positions
+
     for blocks in candidates:
-        outputs = [recorder.output(name) for name in blocks]
-        if any(out is None for out in outputs):
-            continue
-        if [name for name in recorder.order if name in blocks] != blocks:
-            continue
-        probes = [_probe_tensor(out, channels or (target.shape[0 if target.layout == "NCHW" else -1],),
-                                preferred) for out in outputs]
-        if all(p is not None and p.layout == target.layout and p.shape == target.shape for p in probes):
+        if [name for name in recorder.order if name in blocks] == blocks and \
+                all(fits(recorder.output(name)) for name in blocks):
             return blocks
     return []
 
@@ -455,43 +489,57 @@ class _Stage:
     start: str
     reduction: float | None = None
     channels: int | None = None
+    # The width and reduction of the feature before it, where feature_info says.
+    input_channels: int | None = None
+    input_reduction: float | None = None
 
 
 def _stages(groups: list[_Group], all_entries: list[FeatureEntry]) -> list[_Stage]:
     names = [e.module for e in all_entries]
 
-    def first_start(entry: FeatureEntry) -> str:
+    def previous(entry: FeatureEntry) -> FeatureEntry | None:
         position = names.index(entry.module)
-        return _first_start(entry, names[position - 1] if position else None)
+        return all_entries[position - 1] if position else None
+
+    def first_start(entry: FeatureEntry) -> str:
+        before = previous(entry)
+        return _first_start(entry, before.module if before else None)
+
+    def before(entry: FeatureEntry) -> tuple[int | None, float | None]:
+        entry_before = previous(entry)
+        return (entry_before.channels, entry_before.reduction) if entry_before else (None, None)
 
     stages = []
     fractions = ISOTROPIC_STAGE_FRACTIONS if len(groups) == 1 else None
     for group in groups:
         entry = group.entries[-1 if group.stages == 1 else 0]
         if group.stages == 1:
-            stages.append(_Stage(entry.module, first_start(entry), entry.reduction, entry.channels))
+            stages.append(_Stage(entry.module, first_start(entry), entry.reduction, entry.channels, *before(entry)))
             continue
         points = _split_points(len(group.units), group.stages, fractions)
         for k, point in enumerate(points):
             start = first_start(entry) if k == 0 else group.units[points[k - 1] + 1]
             end = entry.module if group.inner and k == len(points) - 1 else group.units[point]
             channels = entry.channels if group.inner else next(e.channels for e in group.entries if e.module == end)
-            stages.append(_Stage(end, start, entry.reduction, channels))
+            stages.append(_Stage(end, start, entry.reduction, channels,
+                                 *(before(entry) if k == 0 else (channels, entry.reduction))))
     return stages
 
 
 # ---- showing the stage tensors ------------------------------------------------------------------------------
 
 
-def _reduction_grid(count: int, input_size, reduction: float | None) -> tuple[int, int] | None:
-    """(rows, columns) of `count` patch tokens if the reduction gives that many."""
-    if not reduction:
-        return None
+Reductions = tuple[float, ...]  # where a tensor may be: its stage's reduction, or the previous stage's
+
+
+def _reduction_grid(count: int, input_size, reductions: Reductions) -> tuple[int, int] | None:
+    """(rows, columns) of `count` patch tokens if one of the reductions gives that many."""
     height, width = input_size[-2:]
-    for rows in (height // round(reduction), math.ceil(height / reduction)):
-        for columns in (width // round(reduction), math.ceil(width / reduction)):
-            if rows * columns == count:
-                return rows, columns
+    for reduction in filter(None, reductions):
+        for rows in (height // round(reduction), math.ceil(height / reduction)):
+            for columns in (width // round(reduction), math.ceil(width / reduction)):
+                if rows * columns == count:
+                    return rows, columns
     return None
 
 
@@ -502,19 +550,25 @@ def _aspect_grid(count: int, input_size) -> tuple[int, int] | None:
     return (rows, count // rows) if count and rows * (count // rows) == count else None
 
 
-def _token_grid(count: int, input_size, reduction: float | None) -> tuple[int, int] | None:
-    return _reduction_grid(count, input_size, reduction) or _aspect_grid(count, input_size)
+def _token_grid(count: int, input_size, reductions: Reductions) -> tuple[int, int] | None:
+    return _reduction_grid(count, input_size, reductions) or _aspect_grid(count, input_size)
 
 
-def _prefix_count(tokens: int, model: nn.Module, input_size, reduction: float | None) -> int:
-    """How many leading tokens are not patch tokens: the model's prefix tokens, or none where a block runs
-    before they are added (CaiT, XCiT and ConViT add their class token late)."""
+MAX_PREFIX_TOKENS = 16
+
+
+def _prefix_count(tokens: int, model: nn.Module, input_size, reductions: Reductions) -> int:
+    """How many leading tokens are not patch tokens: as many as leave the reduction's grid (the model's
+    declared prefix tokens first, then none: CaiT, XCiT and ConViT add their class token late; then any few:
+    CoaT and PiT declare none), else as many as leave a grid of the image's shape."""
     declared = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    candidates = dict.fromkeys([declared, 0])
-    for fits in (lambda n: _reduction_grid(n, input_size, reduction), lambda n: _aspect_grid(n, input_size)):
-        for prefix in candidates:
-            if tokens > prefix and fits(tokens - prefix):
-                return prefix
+    candidates = list(dict.fromkeys([declared, 0, *range(1, MAX_PREFIX_TOKENS + 1)]))
+    for prefix in candidates:
+        if tokens > prefix and _reduction_grid(tokens - prefix, input_size, reductions):
+            return prefix
+    for prefix in candidates[:2]:
+        if tokens > prefix and _aspect_grid(tokens - prefix, input_size):
+            return prefix
     return declared if tokens > declared else 0
 
 
@@ -526,27 +580,32 @@ class _Seen:
 
 
 def _see(model: nn.Module, raw: Any, channels: tuple[int, ...], preferred: str, input_size,
-         reduction: float | None, what: str) -> _Seen:
+         reductions: Reductions, what: str, first_if_unmatched: bool = False) -> _Seen:
     if raw is None:
         raise ValueError(f"{what} of {type(model).__name__} does not run exactly once with a positional input")
     probe = _probe_tensor(raw, channels, preferred)
+    if probe is None and first_if_unmatched:
+        # An input of unexpected width (a stage that widens first): the first tensor argument it is.
+        probe = _probe_tensor(raw, (), preferred)
     if probe is None:
         raise ValueError(f"{what} of {type(model).__name__} gives no (B, C, H, W), (B, H, W, C) or (B, L, C) tensor")
-    prefix = _prefix_count(probe.shape[0], model, input_size, reduction) if probe.layout == "NLC" else 0
+    prefix = _prefix_count(probe.shape[0], model, input_size, reductions) if probe.layout == "NLC" else 0
     return _Seen(probe, prefix)
 
 
-def _view(seen: _Seen, as_map: bool, shown_prefix: int, input_size, reduction: float | None, what: str) \
+def _view(seen: _Seen, as_map: bool, shown_prefix: int, input_size, reductions: Reductions, what: str) \
         -> TensorView:
     probe = seen.probe
     if probe.layout == "NCHW":
         return TensorView("NCHW", True, probe.path)
     if probe.layout == "NHWC":
-        grid = probe.shape[:2]
+        # Reordered NHWC tensors are not on their image grid (NesT's image blocks x tokens per block).
+        grid = probe.shape[:2] if seen.order is None else _token_grid(math.prod(probe.shape[:2]), input_size,
+                                                                      reductions)
         hidden, prefix = 0, 0
     else:
         hidden, prefix = (seen.prefix, 0) if as_map else (seen.prefix - shown_prefix, shown_prefix)
-        grid = _token_grid(probe.shape[0] - seen.prefix, input_size, reduction) if as_map else None
+        grid = _token_grid(probe.shape[0] - seen.prefix, input_size, reductions) if as_map else None
         if as_map and grid is None:
             raise ValueError(f"the {probe.shape[0] - seen.prefix} tokens of {what} do not form a grid")
     return TensorView(probe.layout, as_map, probe.path, hidden, prefix, tuple(grid) if grid else None, seen.order)
@@ -568,13 +627,14 @@ def build_stage_plan(model: nn.Module, input_size: tuple[int, int, int]) -> Stag
     recorder = _Recorder(model, ends, starts).run(input_size)
     preferred = _model_layout(model)
     outputs = [_see(model, recorder.output(s.end), (s.channels,) if s.channels else (), preferred, input_size,
-                    s.reduction, f"the end of stage {k + 1} ({s.end})") for k, s in enumerate(stages)]
+                    (s.reduction,), f"the end of stage {k + 1} ({s.end})") for k, s in enumerate(stages)]
     inputs = []
     for k, stage in enumerate(stages):
-        widths = tuple(_channels(o.probe) for o in outputs[max(k - 1, 0):k + 1])
+        widths = {_channels(o.probe) for o in outputs[max(k - 1, 0):k + 1]} | {stage.input_channels} - {None}
         args = recorder.input(stage.start)
-        inputs.append(_see(model, args or None, widths, outputs[k].probe.layout, input_size, None,
-                           f"the input of stage {k + 1} ({stage.start})"))
+        inputs.append(_see(model, args or None, tuple(widths), outputs[k].probe.layout, input_size,
+                           (stage.reduction, stage.input_reduction), f"the input of stage {k + 1} ({stage.start})",
+                           first_if_unmatched=True))
     order_rule = _TOKEN_ORDER_RULES.get(type(model).__name__)
     if order_rule:
         for seen, name, is_input in [*((o, s.end, False) for o, s in zip(outputs, stages)),
@@ -585,10 +645,10 @@ def build_stage_plan(model: nn.Module, input_size: tuple[int, int, int]) -> Stag
     shown_prefix = 0 if as_map else min(s.prefix for s in [*outputs, *inputs])
     return StagePlan(
         tuple(ends), tuple(starts),
-        tuple(_view(o, as_map, shown_prefix, input_size, s.reduction, f"stage {k + 1}")
+        tuple(_view(o, as_map, shown_prefix, input_size, (s.reduction,), f"stage {k + 1}")
               for k, (o, s) in enumerate(zip(outputs, stages))),
-        tuple(_view(i, as_map, shown_prefix, input_size, None, f"the input of stage {k + 1}")
-              for k, i in enumerate(inputs)),
+        tuple(_view(i, as_map, shown_prefix, input_size, (s.reduction, s.input_reduction),
+                    f"the input of stage {k + 1}") for k, (i, s) in enumerate(zip(inputs, stages))),
         shown_prefix)
 
 
@@ -611,14 +671,16 @@ def _classifiers(model: nn.Module) -> list[nn.Module]:
     """The module(s) whose input is the pooled feature: one head, or one per branch (CrossViT)."""
     classifier = model.get_classifier()
     if isinstance(classifier, tuple):  # (head, distillation head) of DeiT/LeViT-distilled: the same input
-        return [classifier[0]]
-    if isinstance(classifier, nn.ModuleList):
-        return list(classifier)
-    return [classifier]
+        classifier = classifier[0]
+    heads = list(classifier) if isinstance(classifier, nn.ModuleList) else [classifier]
+    # A whole classifier head (Sequencer's) pools inside: its final layer sees the pooled feature.
+    return [head.fc if isinstance(getattr(head, "fc", None), nn.Module) else head for head in heads]
 
 
 def _pooled(inputs: list[torch.Tensor]) -> torch.Tensor:
-    flat = [x.mean(dim=(2, 3)) if x.ndim == 4 else x.mean(dim=1) if x.ndim == 3 else x for x in inputs]
+    """The classifier input(s) as (B, C): a head that pools on its own gets the pooled (B, C, 1, 1) or tokens."""
+    flat = [x.flatten(1) if x.ndim == 4 and x.shape[2:] == (1, 1) else x.mean(dim=(2, 3)) if x.ndim == 4
+            else x.mean(dim=1) if x.ndim == 3 else x for x in inputs]
     return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
 
 
