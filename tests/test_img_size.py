@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from transformers import TrainerCallback
 
+from pat_hf import evaluate as evaluate_cli
 from pat_hf import train as pat_train
 from pat_hf.models import create_model, create_teacher
 
@@ -66,6 +67,15 @@ def test_both_models_are_built_for_the_image_size(tmp_path, student, teacher, di
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), keep.distiller.student.eval()(x), atol=1e-5)
+
+
+def test_a_checkpoint_of_a_student_built_for_the_size_evaluates_at_that_size(tmp_path):
+    output = tmp_path / "run"
+    flags = [*run_flags(output, "test_vit", "test_resnet", "unused"), "--teacher", "", "--distiller", "vanilla",
+             "--save_strategy", "epoch"]
+    metrics = pat_train.main(flags)
+    result = evaluate_cli.main([str(output / "checkpoint-4")])
+    assert result["top1"] == pytest.approx(metrics["eval_top1"])
 
 
 def test_a_vit_teacher_saved_at_another_size_gets_its_position_embeddings_resampled(tmp_path):
