@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,7 +53,7 @@ ISOTROPIC_STAGE_FRACTIONS = (2 / 12, 4 / 12, 10 / 12, 12 / 12)
 PROBE_BATCH = 2
 
 PromptFn = Callable[[torch.Tensor], torch.Tensor]
-Path = tuple[int, ...]  # indices into nested tuples/lists: () is the object itself
+TensorPath = tuple[int, ...]  # indices into nested tuples/lists: () is the object itself
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class TensorView:
 
     layout: str  # the model's own layout: "NCHW", "NHWC" or "NLC"
     as_map: bool  # canonical (B, C, H, W) rather than (B, L, C)
-    path: Path = ()  # where the tensor sits in the output, or in the positional arguments
+    path: TensorPath = ()  # where the tensor sits in the output, or in the positional arguments
     hidden_tokens: int = 0  # leading tokens not shown (prefix tokens a map or another stage lacks)
     prefix_tokens: int = 0  # leading tokens shown as prefix tokens
     grid: tuple[int, int] | None = None  # (rows, columns) of the tokens, for tokens shown as a map
@@ -131,13 +131,13 @@ class StageOutput:
     logits: torch.Tensor
 
 
-def _get(raw: Any, path: Path) -> Any:
+def _get(raw: Any, path: TensorPath) -> Any:
     for index in path:
         raw = raw[index]
     return raw
 
 
-def _set(raw: Any, path: Path, value: Any) -> Any:
+def _set(raw: Any, path: TensorPath, value: Any) -> Any:
     if not path:
         return value
     items = list(raw)
@@ -145,7 +145,7 @@ def _set(raw: Any, path: Path, value: Any) -> Any:
     return tuple(items) if isinstance(raw, tuple) else items
 
 
-def _tensors(raw: Any, path: Path = ()) -> Iterator[tuple[Path, torch.Tensor]]:
+def _tensors(raw: Any, path: TensorPath = ()) -> Iterator[tuple[TensorPath, torch.Tensor]]:
     """Every batch-first tensor in a (nested) output or argument tuple, depth first."""
     if isinstance(raw, torch.Tensor):
         if raw.ndim in (3, 4) and raw.shape[0] == PROBE_BATCH:
@@ -305,7 +305,7 @@ def _layout_of(x: torch.Tensor, channels: tuple[int, ...], preferred: str) -> st
 class _Probe:
     """A tensor seen at a hook: which one of the hooked object, in which layout."""
 
-    path: Path
+    path: TensorPath
     layout: str
     shape: tuple[int, ...]
 
@@ -327,14 +327,14 @@ def _probe_tensor(raw: Any, channels: tuple[int, ...], preferred: str) -> _Probe
         matches = [(path, x, _layout_of(x, (), preferred))]
     if not matches:
         return None
-    path, x, layout = max(reversed(matches), key=lambda m: (_positions_of(m[1], m[2]), -rank.index(m[2])))
+    path, x, layout = max(matches, key=lambda m: (_positions_of(m[1], m[2]), -rank.index(m[2])))
     return _Probe(path, layout, tuple(x.shape[1:]))
 
 
 class _Recorder:
     """Forward hooks (outputs) and pre-hooks (positional inputs) on named modules, for one dry forward."""
 
-    def __init__(self, model: nn.Module, outputs: list[str] = (), inputs: list[str] = ()):
+    def __init__(self, model: nn.Module, outputs: Sequence[str] = (), inputs: Sequence[str] = ()):
         self.model = model
         self.outputs: dict[str, list] = {name: [] for name in outputs}
         self.inputs: dict[str, list] = {name: [] for name in inputs}
@@ -401,8 +401,8 @@ def _groups(model: nn.Module, input_size, entries: list[FeatureEntry]) -> list[_
 
 
 def _block_lists(module: nn.Module, prefix: str) -> list[list[str]]:
-    """Candidate block lists inside `module` (itself included): numbered containers, shallowest and longest
-    first."""
+    """Candidate block lists inside `module` (itself included): the children of its Sequential and ModuleList
+    containers, shallowest and longest first."""
     found = []
     for name, sub in module.named_modules():
         if isinstance(sub, (nn.Sequential, nn.ModuleList)) and len(sub) >= 2:
@@ -412,7 +412,7 @@ def _block_lists(module: nn.Module, prefix: str) -> list[list[str]]:
     return [blocks for _, _, blocks in sorted(found, key=lambda f: f[:2])]
 
 
-def _positions(probe: _Probe, model: nn.Module, input_size, reduction: float) -> int:
+def _patch_positions(probe: _Probe, model: nn.Module, input_size, reduction: float) -> int:
     if probe.layout == "NLC":
         return probe.shape[0] - _prefix_count(probe.shape[0], model, input_size, (reduction,))
     return math.prod(probe.shape[1:] if probe.layout == "NCHW" else probe.shape[:2])
@@ -431,7 +431,7 @@ def _inner_blocks(model: nn.Module, input_size, entry: FeatureEntry) -> list[str
     preferred = _model_layout(model)
     target = _probe_tensor(recorder.output(entry.module), (entry.channels,) if entry.channels else (), preferred)
     width = _channels(target)
-    positions = _positions(target, model, input_size, entry.reduction)
+    positions = _patch_positions(target, model, input_size, entry.reduction)
     reordered = type(model).__name__ in _TOKEN_ORDER_RULES
 
     def fits(out: Any) -> bool:
@@ -440,7 +440,7 @@ def _inner_blocks(model: nn.Module, input_size, entry: FeatureEntry) -> list[str
             return False
         if probe.layout == target.layout:
             return probe.shape == target.shape
-        return (probe.layout == "NLC" or reordered) and _positions(probe, model, input_size,
+        return (probe.layout == "NLC" or reordered) and _patch_positions(probe, model, input_size,
                                                                   entry.reduction) == positions
 
     for blocks in candidates:
