@@ -291,14 +291,25 @@ def _model_layout(model: nn.Module) -> str:
     return "NHWC" if str(getattr(model, "output_fmt", "NCHW")) == "NHWC" else "NCHW"
 
 
-def _layout_of(x: torch.Tensor, channels: tuple[int, ...], preferred: str) -> str | None:
-    """The layout of `x` if one of its dimensions has one of the expected channel counts (None: no match)."""
+def _on_image_grid(height: int, width: int, input_size) -> bool:
+    """Whether a height x width grid has the image's shape (up to rounding)."""
+    image_height, image_width = input_size[-2:]
+    return abs(height * image_width - width * image_height) <= max(image_height, image_width)
+
+
+def _layout_of(x: torch.Tensor, channels: tuple[int, ...], preferred: str, input_size,
+               reordered: bool = False) -> str | None:
+    """The layout of `x` in which it has one of the expected widths (any, if none is expected) and, for a 4-D
+    tensor, a grid of the image's shape (unless a token-order rule puts its positions elsewhere); the preferred
+    one if both 4-D layouts fit; None if none does."""
     if x.ndim == 3:
         return "NLC" if not channels or x.shape[-1] in channels else None
-    first, last = (not channels or x.shape[1] in channels), (not channels or x.shape[-1] in channels)
-    if first and last:
+    readings = (("NCHW", x.shape[1], x.shape[2:]), ("NHWC", x.shape[-1], x.shape[1:3]))
+    fitting = [layout for layout, width, grid in readings
+               if (not channels or width in channels) and (reordered or _on_image_grid(*grid, input_size))]
+    if len(fitting) == 2:
         return "NHWC" if preferred == "NHWC" else "NCHW"
-    return "NCHW" if first else "NHWC" if last else None
+    return fitting[0] if fitting else None
 
 
 @dataclass(frozen=True)
@@ -314,17 +325,20 @@ def _positions_of(x: torch.Tensor, layout: str) -> int:
     return x.shape[1] if layout == "NLC" else math.prod(x.shape[2:] if layout == "NCHW" else x.shape[1:3])
 
 
-def _probe_tensor(raw: Any, channels: tuple[int, ...], preferred: str) -> _Probe | None:
+def _probe_tensor(raw: Any, channels: tuple[int, ...], preferred: str, input_size,
+                  reordered: bool = False) -> _Probe | None:
     """The stage tensor among those of an output or argument tuple: of the expected width, the one with the most
     positions (PiT's feature map rather than its class token), the preferred layout on ties."""
     rank = {"NCHW": ("NCHW", "NLC", "NHWC"), "NHWC": ("NHWC", "NLC", "NCHW"),
             "NLC": ("NLC", "NCHW", "NHWC")}[preferred]
     candidates = list(_tensors(raw))
-    matches = [(path, x, layout) for path, x in candidates if (layout := _layout_of(x, channels, preferred))]
+    matches = [(path, x, layout) for path, x in candidates
+               if (layout := _layout_of(x, channels, preferred, input_size, reordered))]
     if not matches and len(candidates) == 1 and channels:
         # feature_info's width is not always the tensor's (HRNet's incre modules); a lone tensor is it.
         path, x = candidates[0]
-        matches = [(path, x, _layout_of(x, (), preferred))]
+        layout = _layout_of(x, (), preferred, input_size, reordered)
+        matches = [(path, x, layout)] if layout else []
     if not matches:
         return None
     path, x, layout = max(matches, key=lambda m: (_positions_of(m[1], m[2]), -rank.index(m[2])))
@@ -388,7 +402,7 @@ def _groups(model: nn.Module, input_size, entries: list[FeatureEntry]) -> list[_
     for entry in entries:
         raw = recorder.output(entry.module)
         channels = (entry.channels,) if entry.channels else ()
-        if raw is not None and _probe_tensor(raw, channels, preferred) is not None:
+        if raw is not None and _probe_tensor(raw, channels, preferred, input_size) is not None:
             kept.append(entry)
     kept.sort(key=lambda e: recorder.order.index(e.module))
     groups: dict[float, _Group] = {}
@@ -429,13 +443,14 @@ def _inner_blocks(model: nn.Module, input_size, entry: FeatureEntry) -> list[str
     names = [name for names in candidates for name in names]
     recorder = _Recorder(model, [entry.module, *dict.fromkeys(names)]).run(input_size)
     preferred = _model_layout(model)
-    target = _probe_tensor(recorder.output(entry.module), (entry.channels,) if entry.channels else (), preferred)
+    target = _probe_tensor(recorder.output(entry.module), (entry.channels,) if entry.channels else (), preferred,
+                           input_size)
     width = _channels(target)
     positions = _patch_positions(target, model, input_size, entry.reduction)
     reordered = type(model).__name__ in _TOKEN_ORDER_RULES
 
     def fits(out: Any) -> bool:
-        probe = _probe_tensor(out, (width,), preferred) if out is not None else None
+        probe = _probe_tensor(out, (width,), preferred, input_size, reordered) if out is not None else None
         if probe is None or _channels(probe) != width:
             return False
         if probe.layout == target.layout:
@@ -580,17 +595,18 @@ class _Seen:
 
 
 def _see(model: nn.Module, raw: Any, channels: tuple[int, ...], preferred: str, input_size,
-         reductions: Reductions, what: str, first_if_unmatched: bool = False) -> _Seen:
+         reductions: Reductions, order: torch.Tensor | None, what: str, first_if_unmatched: bool = False) -> _Seen:
     if raw is None:
         raise ValueError(f"{what} of {type(model).__name__} does not run exactly once with a positional input")
-    probe = _probe_tensor(raw, channels, preferred)
+    reordered = order is not None
+    probe = _probe_tensor(raw, channels, preferred, input_size, reordered)
     if probe is None and first_if_unmatched:
-        # An input of unexpected width (a stage that widens first): the first tensor argument it is.
-        probe = _probe_tensor(raw, (), preferred)
+        # An input of a width no feature_info entry names (the stem's): the widest tensor argument it is.
+        probe = _probe_tensor(raw, (), preferred, input_size, reordered)
     if probe is None:
         raise ValueError(f"{what} of {type(model).__name__} gives no (B, C, H, W), (B, H, W, C) or (B, L, C) tensor")
     prefix = _prefix_count(probe.shape[0], model, input_size, reductions) if probe.layout == "NLC" else 0
-    return _Seen(probe, prefix)
+    return _Seen(probe, prefix, order)
 
 
 def _view(seen: _Seen, as_map: bool, shown_prefix: int, input_size, reductions: Reductions, what: str) \
@@ -624,22 +640,23 @@ def build_stage_plan(model: nn.Module, input_size: tuple[int, int, int]) -> Stag
     if len(set(ends)) != NUM_STAGES:
         raise ValueError(f"{type(model).__name__}: the stages end in {ends}, not four different modules")
 
+    order_rule = _TOKEN_ORDER_RULES.get(type(model).__name__)
+
+    def order(name: str, is_input: bool) -> torch.Tensor | None:
+        return order_rule(model, name, is_input) if order_rule else None
+
     recorder = _Recorder(model, ends, starts).run(input_size)
     preferred = _model_layout(model)
     outputs = [_see(model, recorder.output(s.end), (s.channels,) if s.channels else (), preferred, input_size,
-                    (s.reduction,), f"the end of stage {k + 1} ({s.end})") for k, s in enumerate(stages)]
+                    (s.reduction,), order(s.end, False), f"the end of stage {k + 1} ({s.end})")
+               for k, s in enumerate(stages)]
     inputs = []
     for k, stage in enumerate(stages):
         widths = {_channels(o.probe) for o in outputs[max(k - 1, 0):k + 1]} | {stage.input_channels} - {None}
         args = recorder.input(stage.start)
         inputs.append(_see(model, args or None, tuple(widths), outputs[k].probe.layout, input_size,
-                           (stage.reduction, stage.input_reduction), f"the input of stage {k + 1} ({stage.start})",
-                           first_if_unmatched=True))
-    order_rule = _TOKEN_ORDER_RULES.get(type(model).__name__)
-    if order_rule:
-        for seen, name, is_input in [*((o, s.end, False) for o, s in zip(outputs, stages)),
-                                     *((i, s.start, True) for i, s in zip(inputs, stages))]:
-            seen.order = order_rule(model, name, is_input)
+                           (stage.reduction, stage.input_reduction), order(stage.start, True),
+                           f"the input of stage {k + 1} ({stage.start})", first_if_unmatched=True))
 
     as_map = any(o.probe.layout == "NCHW" for o in outputs)
     shown_prefix = 0 if as_map else min(s.prefix for s in [*outputs, *inputs])

@@ -211,3 +211,9 @@ def test_a_tuple_output_gives_its_widest_feature_not_the_class_token():
     handle.remove()
     features, class_token = raw["out"]
     assert class_token.shape == (1, 1, 64) and torch.equal(stage, features)
+
+
+def test_a_4d_tensor_is_read_in_the_layout_that_puts_it_on_the_image_grid():
+    # EfficientViT-B0's first stage input at 32 pixels is (8, 16, 16): its height is the stage's width (16).
+    layer = StageLayer(create_model("efficientvit_b0", 10), (3, 32, 32))
+    assert layer.stage_input_shapes[0] == (8, 16, 16) and layer.stage_shapes[0] == (16, 8, 8)
