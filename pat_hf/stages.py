@@ -269,22 +269,28 @@ def _feature_entries(model: nn.Module) -> list[FeatureEntry]:
     entries = rule(model, entries) if rule else entries
     resolved = []
     for entry in entries:
-        module = _find(model, entry.module)
-        if module is None or module is model:
+        name = _resolve(model, entry.module)
+        if not name:  # the model itself ("") or nothing
             continue
+        module = model.get_submodule(name)
         if isinstance(module, nn.ModuleList):  # never called itself: its blocks are
             if not len(module):
                 continue
-            entry = replace(entry, module=f"{entry.module}.{len(module) - 1}", start=f"{entry.module}.0")
+            entry = replace(entry, module=f"{name}.{len(module) - 1}", start=f"{name}.0")
+        else:
+            entry = replace(entry, module=name)
         resolved.append(entry)
     return resolved
 
 
-def _find(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+def _resolve(model: nn.Module, name: str) -> str | None:
+    """The module `name` names: itself, or the one module whose name ends with it (Gemma 4's feature_info
+    names `blocks.k` inside its `encoder`); None if there is none."""
+    names = dict(model.named_modules())
+    if name in names:
+        return name
+    nested = [full for full in names if full.endswith(f".{name}")]
+    return nested[0] if len(nested) == 1 else None
 
 
 def _model_layout(model: nn.Module) -> str:

@@ -118,6 +118,8 @@ ANY_LAYOUT = [
     ("hiera_tiny_224", {"embed_dim": 16, "num_heads": 1}, 64),  # unrolled token order
     ("nest_tiny", {}, 32),  # three resolutions, blockified tokens inside
     ("efficientformer_l1", {}, 224),  # three map stages and a token stage
+    ("gemma4_vit_167m", {"embed_dim": 64, "num_heads": 1, "num_kv_heads": 1, "head_dim": 64,
+                         "intermediate_size": 128}, 32),  # feature_info names the blocks inside its encoder
 ]
 EVERY_FAMILY = [(name, kwargs, 32) for name, kwargs in GENERALISED] + ANY_LAYOUT
 
