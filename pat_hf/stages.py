@@ -15,7 +15,9 @@ Canonical layouts (what distillers see):
 How the four stages are chosen, from `feature_info` (the reference's choices where it has them, SPEC §4.2,
 then generalised). Its entries are taken in execution order and grouped by reduction (one group per
 resolution); entries a forward never reaches, or whose output has no tensor of the announced width, are left
-out. Then:
+out. A module name is also found as the one module it ends (a wrapped `encoder.blocks.k`), a ModuleList stands
+for its blocks, and a tuple output or argument gives its tensor of the announced width with the most positions
+(PiT's map, not its class token). A 4-D tensor is NCHW or NHWC as its width and image-shaped grid say. Then:
   * four resolutions or more: the last entry of each of the last four (ResNet layer1-4, ConvNeXt stages, Swin
     layers, RegNet s1-s4, ...);
   * one resolution (ViT/DeiT, BEiT, EVA, Mixer, ResMLP, ConvMixer): its blocks split 2:2:6:2, i.e. blocks 1,
@@ -25,8 +27,9 @@ out. Then:
     blocks split evenly. The blocks of a resolution are its `feature_info` entries when it has several,
     otherwise the blocks of the (largest) block list inside its module;
   * family rules fix what `feature_info` gets wrong or what the reference chose otherwise: EfficientNet's
-    stage 4 is the head conv (`conv_head` + `bn2`), as the reference took for MobileNetV2; see the
-    `_feature_rule` / `_stage_rule` / `_token_order_rule` functions below for the others.
+    stage 4 is the head conv (`conv_head` + `bn2`), as the reference took for MobileNetV2; Swin's prompts go
+    after the patch merging; Twins, MViTv2, CoaT, CrossViT and HRNet get other feature modules; Hiera's and
+    NesT's tokens a row-major order (the `_FEATURE_RULES`, `_STAGE_RULES` and `_TOKEN_ORDER_RULES` below).
 Stage k's input (where PAT inserts its prompt) is the input of the module that starts stage k: the stage
 module itself for hierarchical models, the block after the previous stage's last block for block lists, and
 for Swin the first block after the stage's patch merging.
@@ -98,7 +101,7 @@ class TensorView:
             return _set(raw, self.path, new)
         own = rearrange(x, "b h w c -> b (h w) c") if self.layout == "NHWC" else x
         if self.as_map:
-            prefix, patches = own[:, self.hidden_tokens:self.hidden_tokens], rearrange(new, "b c h w -> b (h w) c")
+            prefix, patches = own[:, :0], rearrange(new, "b c h w -> b (h w) c")
         else:
             prefix, patches = new[:, :self.prefix_tokens], new[:, self.prefix_tokens:]
         if self.order is not None:
