@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset
 from datasets.distributed import split_dataset_by_node
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -117,16 +117,23 @@ def _holds_data_files(folder: str) -> bool:
     return False
 
 
+def _empty_split_error(where: str) -> ValueError:
+    return ValueError(f"a split of {where} is empty; give every split examples (or remove the empty one)")
+
+
 def _load_folder(folder: str, streaming: bool) -> DatasetDict | datasets.IterableDatasetDict:
-    if _holds_data_files(folder):
-        return datasets.load_dataset(folder, streaming=streaming)
     # One sub-folder per class. A lone class keeps its label (datasets would drop it), so that the check of the
     # classes can say what is wrong.
+    options = {} if _holds_data_files(folder) else {"path": "imagefolder", "data_dir": folder, "drop_labels": False}
     try:
-        return datasets.load_dataset("imagefolder", data_dir=folder, drop_labels=False, streaming=streaming)
-    except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError, ValueError) as error:
-        raise FileNotFoundError(f"no images in {folder} ({error}): lay it out as train/CLASS/*.jpg and "
+        return datasets.load_dataset(**({"path": folder} | options), streaming=streaming)
+    except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError):
+        raise FileNotFoundError(f"no images found in {folder}: lay it out as train/CLASS/*.jpg and "
                                 f"val/CLASS/*.jpg") from None
+    except ValueError as error:
+        if "corresponds to no data" in str(error):  # how datasets reports a split without rows
+            raise _empty_split_error(folder) from None
+        raise
 
 
 def _load_from_hub(name: str, config_name: str | None = None,
@@ -142,19 +149,26 @@ def _load_from_hub(name: str, config_name: str | None = None,
 
 def _load_raw(args: DataArguments) -> tuple[DatasetDict | datasets.IterableDatasetDict, DatasetSource | None]:
     name = args.dataset
-    if name == "digits":
-        return load_digits_dataset(), DIGITS
-    local = args.data_dir or (name if os.path.isdir(os.path.expanduser(name)) or _is_path_like(name) else None)
-    if local:
-        local = os.path.expanduser(local)
-        if not os.path.isdir(local):
-            raise FileNotFoundError(f"dataset directory not found: {local}; pass an existing folder, or a Hub "
-                                    f"dataset name (owner/name)")
-        if os.path.isfile(os.path.join(local, "dataset_dict.json")):
-            return datasets.load_from_disk(local), None
-        return _load_folder(local, args.streaming), None
+    # --data_dir holds a local copy of --dataset: a known dataset keeps its columns, statistics and splits.
     source = KNOWN_DATASETS.get(name)
-    return _load_from_hub(source.path if source else name, args.dataset_config_name, args.streaming), source
+    if args.data_dir:
+        local = args.data_dir
+    elif name == "digits":
+        return load_digits_dataset(), DIGITS
+    elif os.path.isdir(os.path.expanduser(name)) or _is_path_like(name):
+        local, source = name, None
+    else:
+        return _load_from_hub(source.path if source else name, args.dataset_config_name, args.streaming), source
+    local = os.path.expanduser(local)
+    if not os.path.isdir(local):
+        raise FileNotFoundError(f"dataset directory not found: {local}; pass an existing folder, or a Hub "
+                                f"dataset name (owner/name)")
+    if os.path.isfile(os.path.join(local, "dataset_dict.json")):
+        try:
+            return datasets.load_from_disk(local), source
+        except IndexError:  # how datasets fails to read back a split saved without rows
+            raise _empty_split_error(local) from None
+    return _load_folder(local, args.streaming), source
 
 
 def _features_of(split: Split) -> datasets.Features:
@@ -286,7 +300,7 @@ def check_labels(train: Split, evaluation: Split, num_classes: int) -> None:
         outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
         if outside.size:
             row = int(outside[0])
-            raise ValueError(f"{outside.size} labels of the {name} split are outside 0..{num_classes - 1} "
+            raise ValueError(f"the {name} split has {outside.size} label(s) outside 0..{num_classes - 1} "
                              f"(first: {labels[row]} at row {row}; -1 usually marks unlabelled examples): use a "
                              f"labelled split (--train-split / --val-split) or fix the label column")
         if name == "training":
@@ -337,11 +351,13 @@ class ExampleReader:
         try:
             image = to_rgb(_DECODER.decode_example(encoded))
         except UNREADABLE_IMAGE_ERRORS as error:
+            problem = "not an image file" if isinstance(error, UnidentifiedImageError) else str(error)
             if self.strict_images:
-                raise ValueError(f"unreadable image {where} ({type(error).__name__}: {error}); fix or remove it, "
-                                 f"or drop --strict-images to skip unreadable images") from None
-            logger.warning("skipped unreadable image %s (%s: %s)", where, type(error).__name__, error)
-            return {"pixel_values": None, "labels": label, "error": f"{where}: {error}"}
+                raise ValueError(f"unreadable image {where} ({problem}); fix or remove it, or drop --strict-images "
+                                 f"to skip unreadable images") from None
+            logger.warning("skipped unreadable image %s (%s); --strict-images stops at such images instead",
+                           where, problem)
+            return {"pixel_values": None, "labels": label, "error": f"{where}: {problem}"}
         return {"pixel_values": self.transform(image), "labels": label}
 
 
