@@ -19,12 +19,13 @@ def save_teacher(directory: Path, name: str = "test_resnet", num_classes: int = 
 
 
 def tiny_run(output_dir: Path, teacher: str | None, *extra: str, samples: int = 64) -> list[str]:
-    """Flags of a few-step run on the digits data (offline), small enough for a 2-core CI machine."""
+    """Flags of a few-step run on the digits data (offline), small enough for a 2-core CI machine. Data are
+    loaded in the training process (--workers 0): a worker process costs more to start than it saves here."""
     teacher_flags = ["--teacher", "test_resnet", "--teacher-pretrained", teacher] if teacher else ["--teacher", ""]
     return [*STUDENT, *teacher_flags, "--dataset", "digits", "--max-train-samples", str(samples),
             "--max-eval-samples", "32", "--batch-size", "16", "--epochs", "1", "--lr", "0.001", "--opt", "adamw",
             "--smoothing", "0", "--output_dir", str(output_dir), "--report_to", "none", "--logging_steps", "2",
-            "--disable_tqdm", "true", *extra]
+            "--disable_tqdm", "true", "--workers", "0", *extra]
 
 
 class FakeHfApi:
