@@ -162,9 +162,13 @@ AUTO_WORKERS = -1
 MAX_AUTO_WORKERS = 8
 
 
-def auto_num_workers() -> int:
-    """Data workers per process: the CPU cores this process may use, shared by the training processes of this
-    machine, less one for the process itself; at most MAX_AUTO_WORKERS (more rarely pays off)."""
+def auto_num_workers(on_gpu: bool = True) -> int:
+    """Data workers per process. With a GPU: the CPU cores this process may use, shared by the training
+    processes of this machine, less one for the process itself, at most MAX_AUTO_WORKERS (more rarely pays off).
+    Training on the CPU: none, as the training process's own threads already use every core (a worker would
+    only take cores from it; measured on 2 cores, tiny runs take half as long again with one)."""
+    if not on_gpu:
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(0, min(MAX_AUTO_WORKERS, cores // local_processes - 1))
@@ -184,9 +188,9 @@ class DistillTrainingArguments(TrainingArguments):
     max_grad_norm: float = field(default=0.0, metadata=_help("gradient clipping norm (0: none)", "--clip-grad"))
     seed: int = field(default=42, metadata=_help("random seed"))
     dataloader_num_workers: int = field(default=AUTO_WORKERS, metadata=_help(
-        f"data loading worker processes per training process ({AUTO_WORKERS}: one per CPU core of this machine's "
-        f"share for each of its processes, less one, at most {MAX_AUTO_WORKERS}); an exactly repeatable "
-        f"mid-epoch resume needs 0", "--workers", "-j"))
+        f"data loading worker processes per training process ({AUTO_WORKERS}: on a GPU, one per CPU core of each "
+        f"local process's share, less one, at most {MAX_AUTO_WORKERS}; none when training on the CPU); an exactly "
+        f"repeatable mid-epoch resume needs 0", "--workers", "-j"))
     dataloader_persistent_workers: bool | None = field(default=None, metadata=_help(
         "keep data workers alive between epochs and evaluations (default: yes when there are workers)"))
     logging_steps: float = field(default=50, metadata=_help("log every N steps", "--log-interval"))
@@ -210,16 +214,16 @@ class DistillTrainingArguments(TrainingArguments):
         self.push_to_hub = False
         if self.label_names is None:
             self.label_names = ["labels"]
-        if self.dataloader_num_workers == AUTO_WORKERS:
-            self.dataloader_num_workers = auto_num_workers()
-        if self.dataloader_persistent_workers is None:
-            self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per dataloader
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 # Several processes and no GPU: without use_cpu accelerate falls back to one non-distributed
                 # process each; with it, they form a real gloo DDP group.
                 self.use_cpu = True
+        if self.dataloader_num_workers == AUTO_WORKERS:
+            self.dataloader_num_workers = auto_num_workers(on_gpu=torch.cuda.is_available() and not self.use_cpu)
+        if self.dataloader_persistent_workers is None:
+            self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         super().__post_init__()
 
 

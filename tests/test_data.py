@@ -176,11 +176,12 @@ def test_workers_default_to_the_cpu_share_of_each_local_process(monkeypatch):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)), raising=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
         assert auto_num_workers() == expected, (cores, processes)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert auto_num_workers(on_gpu=False) == 0
+    monkeypatch.setattr("pat_hf.arguments.auto_num_workers", lambda on_gpu: 3 if on_gpu else 0)
     training = parse_arguments([]).training
-    assert training.dataloader_num_workers == auto_num_workers() == 3  # the last 4 cores, one process
-    assert training.dataloader_persistent_workers
-    assert not parse_arguments(["--workers", "0"]).training.dataloader_persistent_workers
+    assert training.dataloader_num_workers == (3 if torch.cuda.is_available() else 0)
+    assert training.dataloader_persistent_workers == torch.cuda.is_available()
+    assert parse_arguments(["--workers", "2"]).training.dataloader_persistent_workers
     assert not parse_arguments(["--workers", "2", "--dataloader_persistent_workers", "false"]
                                ).training.dataloader_persistent_workers
 
