@@ -441,7 +441,23 @@ def default_samples_per_epoch(args: DataArguments, stream: IterableDataset) -> i
     return samples
 
 
-class StreamedTrainingSet(torch.utils.data.IterableDataset):
+class _StreamedExamples(torch.utils.data.IterableDataset):
+    """A stream whose rows become `pixel_values`/`labels` as they are read; the images stay encoded until then."""
+
+    def __init__(self, stream: IterableDataset, reader: ExampleReader):
+        self.stream = stream.cast_column("image", datasets.Image(decode=False))
+        self.reader = reader
+
+    @property
+    def features(self) -> datasets.Features:
+        return self.stream.features
+
+    @property
+    def split(self) -> datasets.NamedSplit | None:
+        return self.stream.split
+
+
+class StreamedTrainingSet(_StreamedExamples):
     """A streamed training split cut into epochs of `samples_per_epoch` examples (all processes together,
     whole batches per process), so that the Trainer sees a length and the per-epoch schedule, evaluation and
     checkpoints work as with a map-style split.
@@ -459,8 +475,7 @@ class StreamedTrainingSet(torch.utils.data.IterableDataset):
 
     def __init__(self, stream: IterableDataset, reader: ExampleReader, *, samples_per_epoch: int, batch_size: int,
                  rank: int = 0, world_size: int = 1):
-        self.stream = stream.cast_column("image", datasets.Image(decode=False))
-        self.reader = reader
+        super().__init__(stream, reader)
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -471,14 +486,6 @@ class StreamedTrainingSet(torch.utils.data.IterableDataset):
         # Shared with persistent data workers, which keep their own copy of this object between epochs.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.resume_batches = 0
-
-    @property
-    def features(self) -> datasets.Features:
-        return self.stream.features
-
-    @property
-    def split(self) -> datasets.NamedSplit | None:
-        return self.stream.split
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
@@ -515,23 +522,14 @@ class StreamedTrainingSet(torch.utils.data.IterableDataset):
                                                        f"{worker} in epoch {int(self._epoch)}")
 
 
-class StreamedEvaluationSet(torch.utils.data.IterableDataset):
+class StreamedEvaluationSet(_StreamedExamples):
     """A streamed evaluation split, read whole (or its first `max_samples` examples) at each evaluation, its
     data workers reading disjoint shares. accelerate reads it on the main process and hands every process its
     part of each batch, so that every example is evaluated once."""
 
     def __init__(self, stream: IterableDataset, reader: ExampleReader, max_samples: int | None = None):
-        self.stream = stream.cast_column("image", datasets.Image(decode=False))
-        self.reader = reader
+        super().__init__(stream, reader)
         self.max_samples = max_samples
-
-    @property
-    def features(self) -> datasets.Features:
-        return self.stream.features
-
-    @property
-    def split(self) -> datasets.NamedSplit | None:
-        return self.stream.split
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = _worker()

@@ -2,10 +2,7 @@
 epoch, and resumes that continue where the interrupted run was (exactly with --workers 0)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -27,9 +24,8 @@ from pat_hf.data import (
     default_samples_per_epoch,
     load_splits,
 )
-from tests.helpers import STUDENT, save_teacher, tiny_run
+from tests.helpers import STUDENT, run_two_processes, save_teacher, tiny_run
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SHARDS, PER_SHARD = 4, 10
 
 
@@ -234,10 +230,7 @@ def test_two_processes_stream_disjoint_shares_and_end_alike(tmp_path):
     teacher = save_teacher(tmp_path)
     output = tmp_path / "run"
     flags = tiny_run(output, teacher, "--distiller", "kd", "--streaming", samples=96)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "tests" / "ddp_worker.py"), *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_two_processes(flags)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load_file(str(output / f"student_rank{r}_of_2.safetensors")) for r in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
