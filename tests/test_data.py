@@ -154,6 +154,8 @@ def test_class_counts_and_crd_labels_come_from_the_label_column_alone(monkeypatc
     assert num_classes_of(split) == 5 and num_classes_of(digits) == 10
     assert train_labels_of(split).tolist() == [0, 4, 2, 4]
     assert len(train_labels_of(digits)) == 1437
+    labels = digits.select_columns(["label"])
+    assert train_labels_of(digits.select([7, 3])).tolist() == [labels[7]["label"], labels[3]["label"]]
     with pytest.raises(ValueError, match="--num-classes 3 is fewer than the 5 classes"):
         resolve_num_classes(split, 3)
 
