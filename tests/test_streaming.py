@@ -237,3 +237,9 @@ def test_two_processes_stream_disjoint_shares_and_end_alike(tmp_path):
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 3  # 96 streamed examples / (2 processes x 16)
     assert np.isfinite(state["log_history"][-1]["train_loss"])
+
+
+def test_a_hub_stream_offline_fails_in_one_line():
+    with pytest.raises(ConnectionError, match="cannot load dataset 'ILSVRC/imagenet-1k'.*go online") as error:
+        load_splits(DataArguments(dataset="imagenet-1k", streaming=True))
+    assert "\n" not in str(error.value)
