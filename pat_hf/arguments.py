@@ -67,8 +67,22 @@ class DataArguments:
         "evaluation split (default: validation, or test for CIFAR-100 as the reference)"))
     image_column: str | None = field(default=None, metadata=_help("image column (default: the dataset's)"))
     label_column: str | None = field(default=None, metadata=_help("label column (default: the dataset's)"))
-    max_train_samples: int | None = field(default=None, metadata=_help("truncate the training set (debugging)"))
-    max_eval_samples: int | None = field(default=None, metadata=_help("truncate the evaluation set"))
+    max_train_samples: int | None = field(default=None, metadata=_help(
+        "train on a random subset of N examples, drawn with --data_seed (else --seed); with --streaming, an "
+        "epoch of at most N streamed examples"))
+    max_eval_samples: int | None = field(default=None, metadata=_help(
+        "evaluate on a random subset of N examples, drawn with --data_seed (else --seed); with --streaming, the "
+        "first N examples of the evaluation stream shuffled through the buffer"))
+    streaming: bool = field(default=False, metadata=_help(
+        "read the dataset as it is consumed (datasets' streaming) instead of downloading and preparing it"))
+    shuffle_buffer_size: int = field(default=1000, metadata=_help(
+        "--streaming: examples each data worker shuffles among (memory: workers x processes x N encoded images)"))
+    samples_per_epoch: int | None = field(default=None, metadata=_help(
+        "--streaming: examples per epoch, all processes together (default: the split's size when the dataset "
+        "says it)"))
+    strict_images: bool = field(default=False, metadata=_help(
+        "stop at the first unreadable image, naming it (default: skip it with a warning and count it in the logs "
+        "and summary.csv as skipped_images)"))
     validation_batch_size: int | None = field(default=None, metadata=_help(
         "evaluation batch size per device (default: the training batch size)", "-vb"))
     crop_pct: float | None = field(default=None, metadata=_help("evaluation center-crop fraction"))
@@ -95,6 +109,14 @@ class DataArguments:
     bce_loss: bool = field(default=False, metadata=_help("binary cross-entropy instead of (soft) cross-entropy"))
     aug_repeats: int = field(default=0, metadata=_help(
         "repeated augmentation: each image N times per epoch, on different processes (distributed runs only)"))
+
+    def __post_init__(self):
+        if self.streaming and self.aug_repeats:
+            raise ValueError("--aug-repeats repeats indices of a map-style dataset; drop it or --streaming")
+        if self.samples_per_epoch is not None and not self.streaming:
+            raise ValueError("--samples-per-epoch is for --streaming runs; use --max-train-samples for a subset")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"--shuffle-buffer-size must be at least 1, got {self.shuffle_buffer_size}")
 
 
 @dataclass
@@ -136,6 +158,22 @@ class RecipeArguments:
             raise ValueError("--export-ema needs --model-ema")
 
 
+AUTO_WORKERS = -1
+MAX_AUTO_WORKERS = 8
+
+
+def auto_num_workers(on_gpu: bool = True) -> int:
+    """Data workers per process. With a GPU: the CPU cores this process may use, shared by the training
+    processes of this machine, less one for the process itself, at most MAX_AUTO_WORKERS (more rarely pays off).
+    Training on the CPU: none, as the training process's own threads already use every core (a worker would
+    only take cores from it; measured on 2 cores, tiny runs take half as long again with one)."""
+    if not on_gpu:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(MAX_AUTO_WORKERS, cores // local_processes - 1))
+
+
 @dataclass
 class DistillTrainingArguments(TrainingArguments):
     """TrainingArguments with the reference's names as aliases and its defaults."""
@@ -149,7 +187,12 @@ class DistillTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=2e-5, metadata=_help("weight decay"))
     max_grad_norm: float = field(default=0.0, metadata=_help("gradient clipping norm (0: none)", "--clip-grad"))
     seed: int = field(default=42, metadata=_help("random seed"))
-    dataloader_num_workers: int = field(default=0, metadata=_help("data loading workers", "--workers", "-j"))
+    dataloader_num_workers: int = field(default=AUTO_WORKERS, metadata=_help(
+        f"data loading worker processes per training process ({AUTO_WORKERS}: on a GPU, one per CPU core of each "
+        f"local process's share, less one, at most {MAX_AUTO_WORKERS}; none when training on the CPU); an exactly "
+        f"repeatable mid-epoch resume needs 0", "--workers", "-j"))
+    dataloader_persistent_workers: bool | None = field(default=None, metadata=_help(
+        "keep data workers alive between epochs and evaluations (default: yes when there are workers)"))
     logging_steps: float = field(default=50, metadata=_help("log every N steps", "--log-interval"))
     eval_strategy: str = field(default="epoch", metadata=_help("when to evaluate: no | steps | epoch"))
     save_strategy: str = field(default="epoch", metadata=_help("when to checkpoint: no | steps | epoch"))
@@ -177,6 +220,10 @@ class DistillTrainingArguments(TrainingArguments):
                 # Several processes and no GPU: without use_cpu accelerate falls back to one non-distributed
                 # process each; with it, they form a real gloo DDP group.
                 self.use_cpu = True
+        if self.dataloader_num_workers == AUTO_WORKERS:
+            self.dataloader_num_workers = auto_num_workers(on_gpu=torch.cuda.is_available() and not self.use_cpu)
+        if self.dataloader_persistent_workers is None:
+            self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         super().__post_init__()
 
 

@@ -93,5 +93,5 @@ class MixupOffCallback(TrainerCallback):
         self.off_epoch = off_epoch
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        # Training loader workers are started per epoch, so they copy the collator with this flag.
+        # The flag lives in shared memory (pat_hf.data.SharedSwitchMixup): persistent data workers see it too.
         self.mixup.mixup_enabled = (state.epoch or 0) < self.off_epoch

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from pat_hf.arguments import DataArguments
+from pat_hf.arguments import DataArguments, DistillTrainingArguments
 from pat_hf.data import (
     attach_transform,
     build_transforms,
@@ -114,7 +114,9 @@ def evaluate_student(student: nn.Module, loader: DataLoader, amp: bool = False,
         predictions.append(top_k_indices(logits.float()).cpu())
         labels.append(batch["labels"])
     metric = load_topk_accuracy()
-    return metric.compute(predictions=torch.cat(predictions).tolist(), references=torch.cat(labels).tolist())
+    references = torch.cat(labels).tolist()
+    return {**metric.compute(predictions=torch.cat(predictions).tolist(), references=references),
+            "images": len(references)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -131,7 +133,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = DataArguments(**{k: namespace[k] for k in data_fields})
     options = EvaluateArguments(**{f.name: namespace[f.name] for f in dataclasses.fields(EvaluateArguments)})
 
-    train_set, eval_set, source = load_splits(data)
+    # The run's --max-eval-samples subset: drawn with its seed.
+    training = run.get("training", {})
+    seed = training.get("seed", DistillTrainingArguments.seed) if training.get("data_seed") is None \
+        else training["data_seed"]
+    train_set, eval_set, source = load_splits(data, seed=seed)
     num_classes = options.num_classes or run.get("model", {}).get("num_classes") or num_classes_of(train_set)
     student, exported = load_student(path, options, run, num_classes)
     student.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,14 +146,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # An exported student's own config already holds the dataset's mean/std and interpolation.
     data_config = resolve_data_config_for(data, student, img_size, None if exported else source)
     _, eval_transform = build_transforms(data, data_config)
-    loader = DataLoader(attach_transform(eval_set, eval_transform), batch_size=options.batch_size,
-                        num_workers=options.workers, collate_fn=collate)
+    examples = attach_transform(eval_set, eval_transform, strict_images=data.strict_images, num_classes=num_classes,
+                                max_samples=data.max_eval_samples)
+    loader = DataLoader(examples, batch_size=options.batch_size, num_workers=options.workers, collate_fn=collate)
     metrics = evaluate_student(student, loader, options.amp, options.progress_bar)
-    result = {**metrics, "images": len(eval_set), "model": str(path), "ema": options.use_ema,
-              "dataset": data.dataset, "split": data.val_split}
+    result = {**metrics, "model": str(path), "ema": options.use_ema, "dataset": data.dataset,
+              "split": data.val_split}
     split = f", split {data.val_split}" if data.val_split else ""
     print(f"{path}{' (EMA)' if options.use_ema else ''}: top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
-          f"({len(eval_set)} images of {data.dataset}{split})")
+          f"({metrics['images']} images of {data.dataset}{split})")
     if options.json:
         Path(options.json).write_text(json.dumps(result, indent=2))
     return result

@@ -20,6 +20,7 @@ import torch
 from transformers import Trainer
 
 from pat_hf.checkpoints import restore_rng, rng_snapshot
+from pat_hf.data import RESUME_SKIPPED
 from pat_hf.samplers import EpochSampler
 
 FETCH_RNG_FILE = "rng_state_fetch_rank{rank}.pth"
@@ -52,6 +53,8 @@ class ExactResumeTrainer(Trainer):
 
         def training_collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             batch = collate(examples)
+            if RESUME_SKIPPED in batch:
+                return batch  # a batch of a resumed stream that is dropped unread: it draws nothing
             self._rng_before_latest_fetch = self._rng_before_next_fetch
             if self._restore_after_first_fetch is not None:
                 super(ExactResumeTrainer, self)._load_rng_state(self._restore_after_first_fetch)

@@ -1,6 +1,7 @@
 """What the training loop measures besides the Trainer's own loss: the distiller's loss components, averaged
-over the steps of a logging window and of an epoch and over the processes, the images per second, and the
-per-epoch rows of OUTPUT_DIR/summary.csv (the reference writes the same file)."""
+over the steps of a logging window and of an epoch and over the processes, the images per second, the
+unreadable images skipped, and the per-epoch rows of OUTPUT_DIR/summary.csv (the reference writes the same
+file)."""
 
 from __future__ import annotations
 
@@ -29,14 +30,21 @@ class LossSums:
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
+        self.skipped_images: torch.Tensor | int = 0
 
-    def add(self, outputs: dict[str, torch.Tensor]) -> None:
+    def add(self, outputs: dict[str, torch.Tensor], skipped_images: torch.Tensor | None = None) -> None:
         for key, value in outputs.items():
             if key.startswith("loss") and (self.with_total or key != "loss"):
                 value = value.detach().float()
                 total = self.sums.get(key)
                 self.sums[key] = value if total is None else total + value
+        if skipped_images is not None:
+            self.skipped_images = self.skipped_images + skipped_images
         self.steps += 1
+
+    def skipped(self, accelerator: Accelerator, device: torch.device) -> int:
+        """Unreadable images dropped from the batches, all processes together (every process must call this)."""
+        return int(accelerator.reduce(torch.as_tensor(self.skipped_images, device=device).float(), "sum"))
 
     def means(self, accelerator: Accelerator) -> dict[str, float]:
         """Per-step means, averaged over the processes (every process must call this)."""
@@ -57,10 +65,18 @@ class TrainingMeters:
         self._images = 0
         self._window_start = time.perf_counter()
 
-    def add(self, outputs: dict[str, torch.Tensor], batch_size: int) -> None:
-        self.window.add(outputs)
-        self.epoch.add(outputs)
+    def add(self, outputs: dict[str, torch.Tensor], batch_size: int,
+            skipped_images: torch.Tensor | None = None) -> None:
+        self.window.add(outputs, skipped_images)
+        self.epoch.add(outputs, skipped_images)
         self._images += batch_size
+
+    def reset_epoch(self) -> None:
+        self.epoch.reset()
+
+    def epoch_summary(self, device: torch.device) -> dict[str, float]:
+        """The epoch's mean components and its count of skipped images (every process must call this)."""
+        return {**self.epoch.means(self.accelerator), "skipped_images": self.epoch.skipped(self.accelerator, device)}
 
     def window_logs(self, device: torch.device) -> dict[str, float]:
         """The window's mean components and images per second (all processes together); starts a new window."""
@@ -70,6 +86,7 @@ class TrainingMeters:
         images = self.accelerator.reduce(torch.tensor(float(self._images), device=device), "sum")
         now = time.perf_counter()
         logs["train_images_per_second"] = round(float(images) / max(now - self._window_start, 1e-9), 2)
+        logs["skipped_images"] = self.window.skipped(self.accelerator, device)
         self.window.reset()
         self._images, self._window_start = 0, now
         return logs

@@ -36,11 +36,15 @@ from pat_hf.data import (
     build_criterion,
     build_mixup,
     build_transforms,
+    check_labels,
     class_names_of,
     collate,
+    collate_training,
     load_splits,
-    num_classes_of,
     resolve_data_config_for,
+    resolve_num_classes,
+    train_labels_of,
+    training_set,
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
 from pat_hf.hub import HubPushError, ModelCardInfo, export_student, prepare_repo, push_student
@@ -138,12 +142,15 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     resume_from = find_resume_checkpoint(args)
     hub_repo = prepare_push(args)
 
-    train_set, eval_set, source = load_splits(args.data)
-    dataset_classes = num_classes_of(train_set)
-    num_classes = args.model.num_classes or dataset_classes
-    if num_classes < dataset_classes:
-        raise ValueError(f"--num-classes {num_classes} is fewer than the {dataset_classes} classes of the dataset; "
-                         f"drop --num-classes to use the dataset's")
+    distiller_cls = get_distiller_class(args.distill.distiller)
+    indexed_data = distiller_cls.needs_train_labels or "index" in distiller_cls.batch_keys
+    if args.data.streaming and indexed_data:
+        raise ValueError(f"--distiller {args.distill.distiller} needs the index and label of every training example, "
+                         f"which a stream does not give; drop --streaming")
+    data_seed = args.training.data_seed if args.training.data_seed is not None else args.training.seed
+    train_set, eval_set, source = load_splits(args.data, seed=data_seed)
+    num_classes = resolve_num_classes(train_set, args.model.num_classes)
+    check_labels(train_set, eval_set, num_classes)
     student_kwargs = {"drop_rate": args.model.drop, **args.model.model_kwargs}
     if args.model.drop_path is not None:
         student_kwargs["drop_path_rate"] = args.model.drop_path
@@ -162,8 +169,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
                                  img_size=(input_height, input_width))
     batch_size = args.training.per_device_train_batch_size
     mixup = build_mixup(args.data, num_classes, batch_size)
-    distiller_cls = get_distiller_class(args.distill.distiller)
-    train_labels = torch.tensor(train_set["label"]) if distiller_cls.needs_train_labels else None
+    train_labels = train_labels_of(train_set) if distiller_cls.needs_train_labels else None
     context = DistillContext(input_size=tuple(data_config["input_size"]), num_classes=num_classes,
                              train_labels=train_labels,
                              criterion=build_criterion(args.data, bce_loss=args.data.bce_loss))
@@ -177,14 +183,18 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         callbacks.append(MixupOffCallback(mixup, args.data.mixup_off_epoch))
 
     train_transform, eval_transform = build_transforms(args.data, data_config)
-    train_set = attach_transform(train_set, train_transform, with_index="index" in distiller_cls.batch_keys)
-    eval_set = attach_transform(eval_set, eval_transform)
+    train_set = training_set(args.data, train_set, train_transform, num_classes=num_classes,
+                             with_index="index" in distiller_cls.batch_keys, batch_size=batch_size,
+                             rank=args.training.process_index, world_size=args.training.world_size)
+    eval_set = attach_transform(eval_set, eval_transform, strict_images=args.data.strict_images,
+                                num_classes=num_classes, max_samples=args.data.max_eval_samples)
     args.training.per_device_eval_batch_size = args.data.validation_batch_size or batch_size
 
     trainer = DistillationTrainer(
         model=distiller, args=args.training, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=collate, compute_metrics=TopkMetrics(), preprocess_logits_for_metrics=top_k_indices,
-        callbacks=callbacks, recipe=args.recipe, train_data_collator=MixupCollator(mixup) if mixup else None,
+        callbacks=callbacks, recipe=args.recipe,
+        train_data_collator=MixupCollator(mixup) if mixup else collate_training,
         run_identity=args.run_identity(),
         aug_repeats=args.data.aug_repeats)
     if trainer.is_world_process_zero():

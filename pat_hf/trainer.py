@@ -13,15 +13,19 @@ import contextlib
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, seed_worker
 
 from pat_hf import checkpoints
 from pat_hf.arguments import RecipeArguments
 from pat_hf.callbacks import CheckpointStateCallback, ModelEmaCallback
+from pat_hf.data import SKIPPED_IMAGES, StreamedTrainingSet
 from pat_hf.distillers import Distiller
 from pat_hf.exact_resume import ExactResumeTrainer
 from pat_hf.loss_meters import TrainingMeters, write_summary_row
@@ -59,7 +63,7 @@ class DistillationTrainer(ExactResumeTrainer):
         self._epoch_eval: dict[str, float] = {}
         self._train_lr: float | None = None
         self._updates_per_epoch = 1
-        self._train_sampler: EpochSampler | None = None
+        self._train_sampler: EpochSampler | StreamedTrainingSet | None = None
         for callback in self.callback_handler.callbacks:
             # Without a directory TensorBoard writes to ./runs; the reference logs under its output folder.
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
@@ -119,19 +123,40 @@ class DistillationTrainer(ExactResumeTrainer):
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
         # drop_last is for training only (mixup pairs, PAT's feedback); evaluation must see every example.
         collate = self.fetch_rng_collate(self.train_data_collator) if is_training else self.data_collator
+        if is_training and isinstance(kwargs.get("dataset"), StreamedTrainingSet):
+            return self._streamed_training_loader(kwargs["dataset"], kwargs["batch_size"], collate)
         with _temporarily(self.args, "dataloader_drop_last", self.args.dataloader_drop_last and is_training), \
                 _temporarily(self, "data_collator", collate):
             return super()._get_dataloader(*args, is_training=is_training, **kwargs)
+
+    def _streamed_training_loader(self, stream: StreamedTrainingSet, batch_size: int, collate: Callable):
+        """The loader of a streamed training split, which already splits it between processes and workers:
+        accelerate places the batches on the device but must not shard the stream again (it would keep a
+        1/processes of each process's share) nor read it on one process and dispatch it."""
+        self.track_fetch_rng(stream)
+        self._train_sampler = stream
+        args = self.args
+        workers = args.dataloader_num_workers
+        loader = DataLoader(
+            stream, batch_size=batch_size, collate_fn=collate, drop_last=True, num_workers=workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=bool(args.dataloader_persistent_workers and workers > 0),
+            prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index))
+        return prepare_data_loader(loader, args.device, num_processes=1, process_index=0, put_on_device=True,
+                                   dispatch_batches=False, rng_types=None, non_blocking=args.dataloader_pin_memory)
 
     # ---- training step, logging, epochs ----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, "pixel_values": self.memory_format.images(inputs["pixel_values"])}
+        skipped_images = inputs.pop(SKIPPED_IMAGES, None)
         outputs = model(**inputs)
         if model.training:
             # The rate this step's optimizer update uses (summary.csv reports it per epoch).
             self._train_lr = self.optimizer.param_groups[0]["lr"]
-            self.meters.add(outputs, inputs["pixel_values"].shape[0])
+            self.meters.add(outputs, inputs["pixel_values"].shape[0], skipped_images)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -140,14 +165,22 @@ class DistillationTrainer(ExactResumeTrainer):
         super().log(logs, start_time)
 
     def _run_epoch(self, model, epoch, *args, **kwargs):
-        self.meters.epoch.reset()
+        self.meters.reset_epoch()
         self._epoch_eval = {}
         if self._train_sampler is not None:
             # Under DDP, the loader accelerate rebuilds to skip the batches of an interrupted epoch does not pass
             # set_epoch on to the sampler, which would then replay epoch 0's order.
             self._train_sampler.set_epoch(epoch)
+        resumed_batches = kwargs["steps_trained_in_current_epoch"] if (
+            epoch == kwargs["epochs_trained"] and kwargs["resume_from_checkpoint"] is not None
+            and not self.args.ignore_data_skip) else 0
+        if isinstance(self._train_sampler, StreamedTrainingSet):
+            # The Trainer drops the batches this epoch trained on before the interruption: they need not be decoded.
+            self._train_sampler.resume_batches = resumed_batches
         super()._run_epoch(model, epoch, *args, **kwargs)
-        train_means = self.meters.epoch.means(self.accelerator)
+        if isinstance(self._train_sampler, StreamedTrainingSet):
+            self._train_sampler.resume_batches = 0
+        train_means = self.meters.epoch_summary(self.args.device)
         if self.args.should_save:
             write_summary_row(self.args.output_dir, float(self.state.epoch or 0), self._train_lr, train_means,
                               self._epoch_eval)

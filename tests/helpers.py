@@ -1,5 +1,8 @@
 """Small pieces shared by the end-to-end tests: a tiny teacher checkpoint and the flags of a tiny run."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import timm
@@ -7,6 +10,7 @@ import torch
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from safetensors.torch import save_file
 
+ROOT = Path(__file__).resolve().parents[1]
 STUDENT = ["--model", "test_vit", "--model-kwargs", '{"img_size": 32, "patch_size": 4}', "--img-size", "32"]
 
 
@@ -19,12 +23,21 @@ def save_teacher(directory: Path, name: str = "test_resnet", num_classes: int = 
 
 
 def tiny_run(output_dir: Path, teacher: str | None, *extra: str, samples: int = 64) -> list[str]:
-    """Flags of a few-step run on the digits data (offline), small enough for a 2-core CI machine."""
+    """Flags of a few-step run on the digits data (offline), small enough for a 2-core CI machine. Data are
+    loaded in the training process (--workers 0): a worker process costs more to start than it saves here."""
     teacher_flags = ["--teacher", "test_resnet", "--teacher-pretrained", teacher] if teacher else ["--teacher", ""]
     return [*STUDENT, *teacher_flags, "--dataset", "digits", "--max-train-samples", str(samples),
             "--max-eval-samples", "32", "--batch-size", "16", "--epochs", "1", "--lr", "0.001", "--opt", "adamw",
             "--smoothing", "0", "--output_dir", str(output_dir), "--report_to", "none", "--logging_steps", "2",
-            "--disable_tqdm", "true", *extra]
+            "--disable_tqdm", "true", "--workers", "0", *extra]
+
+
+def run_two_processes(flags: list[str]) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py under a real two-process CPU (gloo) DDP launch, accelerate_configs/cpu.yaml."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "tests" / "ddp_worker.py"), *flags]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 class FakeHfApi:

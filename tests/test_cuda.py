@@ -74,7 +74,7 @@ def resume_flags(teacher: str, output: Path) -> list[str]:
             "--epochs", "4", "--warmup-epochs", "1", "--opt", "adamw", "--lr", "1e-3", "--mixup", "0.8",
             "--cutmix", "1.0", "--model-ema", "--model-ema-decay", "0.9", "--amp", "--save_strategy", "steps",
             "--save_steps", str(SAVE_STEPS), "--save_total_limit", "2", "--report_to", "none",
-            "--disable_tqdm", "true", "--output_dir", str(output)]
+            "--disable_tqdm", "true", "--workers", "0", "--output_dir", str(output)]
 
 
 def scaler_state(checkpoint: Path) -> tuple[float, int]:

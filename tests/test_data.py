@@ -124,3 +124,80 @@ def test_digits_are_normalised_with_their_own_statistics_for_every_model():
                for name, kwargs in (("resnet10t", {}), ("test_vit", {"img_size": 32, "patch_size": 4}))]
     assert configs[0]["mean"] == configs[1]["mean"] == (0.3053,) * 3
     assert configs[0]["std"] == configs[1]["std"] == (0.3759,) * 3
+
+
+def encoded_images(split: datasets.Dataset) -> list[bytes]:
+    return [e["bytes"] for e in split.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+def test_max_samples_draw_a_seeded_random_subset_not_the_first_rows():
+    args = DataArguments(dataset="digits", max_train_samples=20, max_eval_samples=10)
+    full_train, full_eval, _ = load_splits(DataArguments(dataset="digits"))
+    train, evaluation, _ = load_splits(args, seed=1)
+    assert (len(train), len(evaluation)) == (20, 10)
+    assert encoded_images(train) != encoded_images(full_train.select(range(20)))
+    assert set(encoded_images(evaluation)) <= set(encoded_images(full_eval))
+    assert encoded_images(load_splits(args, seed=1)[0]) == encoded_images(train)
+    assert encoded_images(load_splits(args, seed=2)[0]) != encoded_images(train)
+
+
+def test_class_counts_and_crd_labels_come_from_the_label_column_alone(monkeypatch):
+    from pat_hf.data import resolve_num_classes, train_labels_of
+
+    split = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))] * 4, "label": [0, 4, 2, 4]})
+    digits, _, _ = load_splits(DataArguments(dataset="digits"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(datasets.Image, "decode_example", refuse)
+    assert num_classes_of(split) == 5 and num_classes_of(digits) == 10
+    assert train_labels_of(split).tolist() == [0, 4, 2, 4]
+    assert len(train_labels_of(digits)) == 1437
+    labels = digits.select_columns(["label"])
+    assert train_labels_of(digits.select([7, 3])).tolist() == [labels[7]["label"], labels[3]["label"]]
+    with pytest.raises(ValueError, match="--num-classes 3 is fewer than the 5 classes"):
+        resolve_num_classes(split, 3)
+
+
+def test_a_data_dir_copy_of_a_known_dataset_keeps_its_columns_and_statistics(tmp_path):
+    features = datasets.Features({"img": datasets.Image(), "coarse_label": datasets.ClassLabel(names=["x", "y"]),
+                                  "fine_label": datasets.ClassLabel(names=["a", "b", "c"])})
+    rows = {"img": [Image.new("RGB", (4, 4))] * 3, "coarse_label": [0, 1, 0], "fine_label": [0, 1, 2]}
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+    train, evaluation, source = load_splits(DataArguments(dataset="cifar100", data_dir=str(tmp_path)))
+    assert source.mean == (0.5071, 0.4865, 0.4409)
+    assert num_classes_of(train) == 3 and train.column_names == ["image", "label"] and len(evaluation) == 3
+
+
+def test_workers_default_to_the_cpu_share_of_each_local_process(monkeypatch):
+    from pat_hf.arguments import MAX_AUTO_WORKERS, auto_num_workers, parse_arguments
+
+    for cores, processes, expected in ((16, 1, MAX_AUTO_WORKERS), (16, 8, 1), (2, 1, 1), (1, 1, 0), (4, 8, 0)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        assert auto_num_workers() == expected, (cores, processes)
+        assert auto_num_workers(on_gpu=False) == 0
+    monkeypatch.setattr("pat_hf.arguments.auto_num_workers", lambda on_gpu: 3 if on_gpu else 0)
+    training = parse_arguments([]).training
+    assert training.dataloader_num_workers == (3 if torch.cuda.is_available() else 0)
+    assert training.dataloader_persistent_workers == torch.cuda.is_available()
+    assert parse_arguments(["--workers", "2"]).training.dataloader_persistent_workers
+    assert not parse_arguments(["--workers", "2", "--dataloader_persistent_workers", "false"]
+                               ).training.dataloader_persistent_workers
+
+
+def test_mixup_off_reaches_persistent_workers():
+    from torch.utils.data import DataLoader
+
+    from pat_hf.data import MixupCollator
+
+    mixup = build_mixup(DataArguments(mixup=1.0, smoothing=0.0), num_classes=4, batch_size=4)
+    examples = [{"pixel_values": torch.full((3, 2, 2), float(i)), "labels": i} for i in range(4)]
+    loader = DataLoader(examples, batch_size=4, num_workers=1, persistent_workers=True,
+                        collate_fn=MixupCollator(mixup))
+    assert next(iter(loader))["labels"].max() < 1.0
+    mixup.mixup_enabled = False
+    batch = next(iter(loader))
+    assert torch.equal(batch["labels"], torch.eye(4)) and batch["pixel_values"][:, 0, 0, 0].tolist() == [0, 1, 2, 3]

@@ -27,14 +27,15 @@ TOTAL_STEPS = 4 * STEPS_PER_EPOCH
 
 
 def pat_run_args(teacher: Path, output_dir: Path) -> list[str]:
-    """A tiny PAT pair on digits with augmentation, mixup and an EMA: every kind of state must survive."""
+    """A tiny PAT pair on digits with augmentation, mixup and an EMA: every kind of state must survive (exactly:
+    the data are drawn in the training process, --workers 0)."""
     return ["--model", "test_resnet", "--teacher", "test_convnext", "--teacher-pretrained", str(teacher),
             "--distiller", "pat", "--pat-raa-dim", "32", "--pat-raa-num-queries", "16", "--num-classes", "10",
             "--img-size", "32", "--batch-size", "8", "--max_train_samples", "48", "--max_eval_samples", "16",
             "--epochs", "4", "--warmup-epochs", "1", "--opt", "adamw", "--lr", "1e-3", "--mixup", "0.8",
             "--cutmix", "1.0", "--model-ema", "--model-ema-decay", "0.9", "--save_strategy", "steps",
             "--save_steps", str(SAVE_STEPS), "--save_total_limit", "2", "--report_to", "none",
-            "--disable_tqdm", "true", "--output_dir", str(output_dir)]
+            "--disable_tqdm", "true", "--workers", "0", "--output_dir", str(output_dir)]
 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen:
@@ -126,8 +127,9 @@ def test_rotation_never_deletes_the_newest_complete_checkpoint(tmp_path):
 
 
 def resume_argv(output_dir: Path, *extra: str) -> list[str]:
+    # Exact mid-epoch resumes need the data drawn in the training process (--workers 0).
     return ["--model", "test_resnet", "--teacher", "", "--distiller", "vanilla", "--report_to", "none",
-            "--output_dir", str(output_dir), *extra]
+            "--workers", "0", "--output_dir", str(output_dir), *extra]
 
 
 def test_resume_without_checkpoint_fails_before_writing(tmp_path):

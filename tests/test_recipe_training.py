@@ -27,7 +27,7 @@ from pat_hf.trainer import DistillationTrainer
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TINY = ["--img-size", "32", "--batch-size", "8", "--report_to", "none", "--disable_tqdm", "true"]
+TINY = ["--img-size", "32", "--batch-size", "8", "--report_to", "none", "--disable_tqdm", "true", "--workers", "0"]
 STUDENT_ONLY = ["--model", "test_resnet", "--teacher", "", "--distiller", "vanilla", "--num-classes", "10"]
 
 
@@ -159,7 +159,7 @@ def ema_run(tmp_path_factory) -> tuple[Path, dict[str, float]]:
         "--img-size", "32", "--batch-size", "8", "--max_train_samples", "32", "--max_eval_samples", "24",
         "--epochs", "2", "--warmup-epochs", "1", "--opt", "adamw", "--lr", "1e-3", "--model-ema",
         "--model-ema-decay", "0.5", "0.9", "--export-ema", "--checkpoint-hist", "1", "--logging_steps", "4",
-        "--disable_tqdm", "true",
+        "--disable_tqdm", "true", "--workers", "0",
         "--output_dir", str(output_dir)])
     return output_dir, metrics
 

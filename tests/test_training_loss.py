@@ -18,10 +18,12 @@ DISTILLERS += [["--distiller", "pat", "--pat-mode", mode] for mode in ("referenc
 
 
 def short_run(output, teacher, *flags):
-    """20 steps: 4 epochs of 5 batches of 16, one log every 2 steps."""
+    """20 steps: 4 epochs of 5 batches of 16, one log every 2 steps. The 80 examples are a random subset drawn
+    with --data_seed: with the default seed's draw RKD's loss stays flat over 20 steps (last/first 0.997; 0.84 to
+    0.90 for the draws of seeds 0 to 3 and for the first 80 rows), so the test fixes a draw on which it moves."""
     return tiny_run(output, teacher, "--save_strategy", "no", "--eval_strategy", "no", "--model", "test_convnext",
                     "--model-kwargs", "{}", "--lr", "0.003", "--scale", "1.0", "1.0", "--warmup-epochs", "0",
-                    "--epochs", "4", *flags, samples=80)
+                    "--epochs", "4", "--data_seed", "1", *flags, samples=80)
 
 
 @pytest.fixture(scope="module")
