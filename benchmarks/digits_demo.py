@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.reporting import describe_machine  # noqa: E402
 from pat_hf import train as pat_train  # noqa: E402
 
 CONFIG = "digits"  # shipped with the package (pat_hf/configs/digits.yaml)
@@ -35,16 +35,6 @@ STUDENT_ROWS = {
     "pat": ("student + PAT (reference mode)", [*PAT, "--pat-mode", "reference"]),
     "pat-corrected": ("student + PAT (corrected mode)", [*PAT, "--pat-mode", "corrected"]),
 }
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{cpu or platform.machine()}, {os.cpu_count()} CPU cores"
 
 
 def run(name: str, output: Path, flags: list[str]) -> tuple[dict[str, float], float]:
@@ -74,7 +64,7 @@ def main() -> None:
         metrics, minutes = run(key, args.output, ["--teacher-pretrained", teacher, *flags, *epochs])
         results.append((label, metrics, minutes))
 
-    lines = [f"Digits demo (scikit-learn digits, 1437 train / 360 held-out, 32x32) on {machine()}", "",
+    lines = [f"Digits demo (scikit-learn digits, 1437 train / 360 held-out, 32x32) on {describe_machine()}", "",
              "| run | top-1 | top-5 | minutes |", "|---|---|---|---|"]
     lines += [f"| {label} | {m['eval_top1']:.2f} | {m['eval_top5']:.2f} | {minutes:.1f} |"
               for label, m, minutes in results]

@@ -22,6 +22,7 @@ from timm.optim import list_optimizers
 from transformers import HfArgumentParser, TrainingArguments
 
 from pat_hf.distillers import DISTILLERS, DistillArguments, Distiller, get_distiller_class
+from pat_hf.overridden_flags import reject_overridden_flags
 from pat_hf.schedule import SCHEDULERS
 
 BASE_KEY = "base"
@@ -58,7 +59,8 @@ class ModelArguments:
 class DataArguments:
     dataset: str = field(default="digits", metadata=_help(
         "digits (scikit-learn's, offline) | cifar100 | imagenet-1k | a local train/val image folder | "
-        "a save_to_disk directory | any Hub dataset name", "-d"))
+        "a save_to_disk directory | any Hub dataset name", "-d", "--dataset_name"))
+    dataset_config_name: str | None = field(default=None, metadata=_help("configuration of a Hub dataset"))
     data_dir: str | None = field(default=None, metadata=_help("root of a local dataset (imagefolder layout)"))
     train_split: str = field(default="train", metadata=_help("training split name"))
     val_split: str | None = field(default=None, metadata=_help(
@@ -169,6 +171,7 @@ class DistillTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata=_help("keep False: transforms need raw columns"))
     dataloader_drop_last: bool = field(default=True, metadata=_help("drop the last incomplete training batch"))
     push_to_hub: bool = field(default=False, metadata=_help("push OUTPUT_DIR/student (not checkpoints) to the Hub"))
+    hub_create_pr: bool = field(default=False, metadata=_help("push the student as a pull request", "--hub-create-pr"))
     overwrite_output_dir: bool = field(default=False, metadata=_help(
         "replace the run already in --output_dir (its checkpoints, student and logs are deleted)"))
     # A NaN loss stops the run (pat_hf/nonfinite.py); transformers' filter would log it as an earlier mean and
@@ -446,6 +449,7 @@ def parse_arguments(argv: list[str] | None = None) -> RunArguments:
     """Parse flags over YAML defaults over built-in defaults, as the reference's train.py does. The distiller
     is found first: only its own hyper-parameters are accepted, and they are checked as they are parsed."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    reject_overridden_flags(argv)
     distiller = _distiller_name(argv)
     distiller_cls = get_distiller_class(distiller)
     types = _dataclass_types(distiller_cls)

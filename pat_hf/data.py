@@ -71,9 +71,9 @@ def load_digits_dataset() -> DatasetDict:
     return DatasetDict(train=split(train_idx), validation=split(eval_idx))
 
 
-def _load_from_hub(name: str) -> DatasetDict:
+def _load_from_hub(name: str, config_name: str | None = None) -> DatasetDict:
     try:
-        return datasets.load_dataset(name)
+        return datasets.load_dataset(name, config_name)
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
         offline = " (offline mode is on)" if datasets.config.HF_HUB_OFFLINE else ""
         raise ConnectionError(f"cannot load dataset {name!r} from the Hugging Face Hub{offline}: go online, or "
@@ -93,7 +93,7 @@ def _load_raw(args: DataArguments) -> tuple[DatasetDict, DatasetSource | None]:
             return datasets.load_from_disk(local), None
         return datasets.load_dataset("imagefolder", data_dir=local), None
     source = KNOWN_DATASETS.get(name)
-    return _load_from_hub(source.path if source else name), source
+    return _load_from_hub(source.path if source else name, args.dataset_config_name), source
 
 
 def _pick_column(dataset: Dataset, requested: str | None, default: str | None, kind: type, what: str) -> str:

@@ -24,6 +24,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from pat_hf.arguments import DataArguments
@@ -51,6 +52,7 @@ class EvaluateArguments:
     model: str | None = field(default=None, metadata={"help": "student name, for a checkpoint without args.yaml"})
     model_kwargs: str = field(default="{}", metadata={"help": "JSON kwargs of that student"})
     num_classes: int | None = field(default=None, metadata={"help": "classes (default: the run's / dataset's)"})
+    progress_bar: bool = field(default=True, metadata={"help": "show a progress bar (--no_progress_bar hides it)"})
 
 
 def _run_args(path: Path) -> dict[str, Any]:
@@ -100,12 +102,13 @@ def load_student(path: Path, options: EvaluateArguments, run: dict[str, Any],
 
 
 @torch.no_grad()
-def evaluate_student(student: nn.Module, loader: DataLoader, amp: bool = False) -> dict[str, float]:
+def evaluate_student(student: nn.Module, loader: DataLoader, amp: bool = False,
+                     progress_bar: bool = True) -> dict[str, float]:
     device = next(student.parameters()).device
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     student.eval()
     predictions, labels = [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc="evaluating", unit="batch", disable=not progress_bar):
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             logits = student(batch["pixel_values"].to(device))
         predictions.append(top_k_indices(logits.float()).cpu())
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _, eval_transform = build_transforms(data, data_config)
     loader = DataLoader(attach_transform(eval_set, eval_transform), batch_size=options.batch_size,
                         num_workers=options.workers, collate_fn=collate)
-    metrics = evaluate_student(student, loader, options.amp)
+    metrics = evaluate_student(student, loader, options.amp, options.progress_bar)
     result = {**metrics, "images": len(eval_set), "model": str(path), "ema": options.use_ema,
               "dataset": data.dataset, "split": data.val_split}
     split = f", split {data.val_split}" if data.val_split else ""

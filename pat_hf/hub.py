@@ -1,94 +1,235 @@
-"""Exporting the distilled student in timm's Hub format, with a model card, and pushing it to the Hub.
+"""Exporting the distilled student in timm's Hub format with a model card, and pushing it to the Hub.
 
-The folder holds `config.json`, `model.safetensors` and `README.md`. It loads with
-`timm.create_model("local-dir:DIR", pretrained=True)` and with transformers'
-`AutoModelForImageClassification.from_pretrained(DIR)` (as a `TimmWrapper` model), with the same logits.
+The folder holds `config.json`, `model.safetensors`, `README.md` (a model card whose metadata the Hub reads:
+library, task, dataset, base model and a model-index with top-1/top-5) and `training_curves.png`. It loads with
+`timm.create_model("local-dir:DIR", pretrained=True)`, with transformers' `AutoModelForImageClassification`
+(as a `TimmWrapper` model) and with `pipeline("image-classification", model=DIR)`, all with the same logits.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from timm.models import save_for_hf
 from torch import nn
 
+from pat_hf.curves import TRAINING_CURVES_FILE, write_training_curves
+
+PROJECT_URL = "https://github.com/pat-hf/pat-hf"
+LICENSE = "apache-2.0"
+# Run facts that the model-index has no field for, kept in the card's metadata for `pat-hf-push`'s commit message.
+CARD_RUN_KEY = "pat_hf"
+USAGE_HEADING = "## Usage"
 CITATION = """@article{lin2025pat,
   title   = {Perspective-Aware Teaching: Adapting Knowledge for Heterogeneous Distillation},
   author  = {Lin, Jhe-Hao and others},
   journal = {arXiv preprint arXiv:2501.08885},
   year    = {2025}
 }"""
+# eval_top1, eval_ema_top5, eval_ema1_top1, ...: the raw student's and each EMA student's accuracies.
+_ACCURACY_KEY = re.compile(r"^eval_(?:(?P<ema>ema\d*)_)?top(?P<k>[15])$")
+
+
+class HubPushError(RuntimeError):
+    """The Hub refused to create, or to let us write to, the student's repository."""
 
 
 @dataclass
 class ModelCardInfo:
     student: str
     teacher: str
+    teacher_weights: str
     distiller: str
     dataset: str
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    eval_split: str | None = None
+    dataset_config: str | None = None
+    num_classes: int | None = None
+    input_size: tuple[int, ...] | None = None
+    exported_ema: bool = False
+    distiller_settings: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def base_model(self) -> str | None:
+        """The teacher's Hub id, when its weights came from the Hub."""
+        return self.teacher_weights.removeprefix("hf-hub:") if self.teacher_weights.startswith("hf-hub:") else None
 
-def _yaml_list(values: list[str]) -> str:
-    return "\n".join(f"- {value}" for value in values)
+    @property
+    def teacher_weights_source(self) -> str | None:
+        """Where the teacher's weights came from, without local directories: `hf-hub:ID`, `local-dir:NAME` or
+        a checkpoint file's name; None without a teacher."""
+        weights = self.teacher_weights
+        if not self.teacher or not weights:
+            return None
+        if self.base_model:
+            return weights
+        if weights.startswith("local-dir:"):
+            return f"local-dir:{Path(weights.removeprefix('local-dir:')).name}"
+        return Path(weights).name
 
 
-def model_card(info: ModelCardInfo, repo_or_dir: str = "DIR") -> str:
-    teacher = info.teacher or "none (trained on labels alone)"
-    rows = "\n".join(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in info.metrics.items())
-    settings = "\n".join(f"- `{k}`: `{v}`" for k, v in {**info.hyperparameters, **info.recipe}.items())
-    tags = ["image-classification", "timm", "transformers", "knowledge-distillation", "pat-hf"]
-    return f"""---
-tags:
-{_yaml_list(tags)}
-library_name: timm
-pipeline_tag: image-classification
-license: apache-2.0
----
-# {info.student} distilled with {info.distiller.upper()}
+def accuracies(metrics: dict[str, float]) -> dict[str, dict[int, float]]:
+    """{"raw": {1: top-1, 5: top-5}, "ema": {...}, ...} from the evaluation metrics, in %, two decimals."""
+    by_student: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        match = _ACCURACY_KEY.match(key)
+        if match:
+            by_student.setdefault(match["ema"] or "raw", {})[int(match["k"])] = round(float(value), 2)
+    return by_student
 
-A `{info.student}` student trained by knowledge distillation with pat-hf on `{info.dataset}`.
 
-## Model details
-- **Student:** `{info.student}`
-- **Teacher:** `{teacher}`
-- **Distiller:** `{info.distiller}`
-- **Dataset:** `{info.dataset}`
+def eval_results(info: ModelCardInfo) -> list[EvalResult]:
+    """Top-1 and top-5 of the raw student and of each EMA student on the evaluated split."""
+    results = []
+    for student, values in accuracies(info.metrics).items():
+        for k, value in sorted(values.items()):
+            metric = "accuracy" if k == 1 else "top_5_accuracy"
+            ema = student != "raw"
+            results.append(EvalResult(
+                task_type="image-classification", task_name="Image Classification", dataset_type=info.dataset,
+                dataset_name=info.dataset, dataset_config=info.dataset_config, dataset_split=info.eval_split,
+                metric_type=f"{student}_{metric}" if ema else metric,
+                metric_name=f"Top-{k} accuracy" + (f" ({student} student)" if ema else ""), metric_value=value))
+    return results
 
-## Recipe
-{settings or "- defaults"}
 
-## Evaluation
-| metric | value |
-|---|---|
-{rows or "| (not evaluated) | |"}
+def _teacher_weights_text(info: ModelCardInfo) -> str:
+    source = info.teacher_weights_source
+    if not source:
+        return "none: the student was trained on labels alone"
+    if info.base_model:
+        return f"[{info.base_model}](https://huggingface.co/{info.base_model}) (Hugging Face Hub)"
+    if source.startswith("local-dir:"):
+        return f"local timm folder `{source.removeprefix('local-dir:')}`"
+    return f"checkpoint file `{source}`"
 
-## Usage
+
+def _settings_list(settings: dict[str, Any]) -> str:
+    return "\n".join(f"- `{name}`: `{value}`" for name, value in settings.items()) or "- defaults"
+
+
+def _evaluation_table(info: ModelCardInfo) -> str:
+    by_student = accuracies(info.metrics)
+    if not by_student:
+        return "Not evaluated."
+    split = f", split `{info.eval_split}`" if info.eval_split else ""
+    rows = "\n".join(f"| {student} | {values.get(1, '')} | {values.get(5, '')} |"
+                     for student, values in by_student.items())
+    return f"On `{info.dataset}`{split}:\n\n| student | top-1 (%) | top-5 (%) |\n|---|---|---|\n{rows}"
+
+
+def usage_section(reference: str, local: bool) -> str:
+    """Loading snippets for a Hub repository id or, before a push, for the local export folder."""
+    timm_name = f"local-dir:{reference}" if local else f"hf-hub:{reference}"
+    return f"""{USAGE_HEADING}
+
+With timm:
 ```python
 import timm
-model = timm.create_model("hf-hub:{repo_or_dir}", pretrained=True)  # or "local-dir:PATH"
+from PIL import Image
 
-from transformers import AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained("{repo_or_dir}")
+model = timm.create_model("{timm_name}", pretrained=True).eval()
+transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+logits = model(transform(Image.open("image.png").convert("RGB")).unsqueeze(0))
 ```
 
-## Citation
-```bibtex
-{CITATION}
+With transformers:
+```python
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+processor = AutoImageProcessor.from_pretrained("{reference}")
+model = AutoModelForImageClassification.from_pretrained("{reference}").eval()
+logits = model(**processor(Image.open("image.png").convert("RGB"), return_tensors="pt")).logits
+```
+
+With a pipeline:
+```python
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{reference}")
+classifier("image.png", top_k=5)
 ```
 """
 
 
+def model_card(info: ModelCardInfo, model_name: str, reference: str, local: bool = True,
+               with_curves: bool = False) -> ModelCard:
+    results = eval_results(info)
+    data = ModelCardData(
+        model_name=model_name, library_name="timm", pipeline_tag="image-classification", license=LICENSE,
+        tags=["image-classification", "timm", "transformers", "knowledge-distillation", "pat-hf"],
+        datasets=[info.dataset], metrics=["accuracy"], base_model=info.base_model, eval_results=results or None,
+        **{CARD_RUN_KEY: {"student": info.student, "teacher": info.teacher or None,
+                          "teacher_weights": info.teacher_weights_source, "distiller": info.distiller,
+                          "exported": "ema" if info.exported_ema else "raw"}})
+    teacher = f"`{info.teacher}`" if info.teacher else "none"
+    input_size = "×".join(map(str, info.input_size)) if info.input_size else "the model's default"
+    curves = f"\n## Training curves\n\n![Training curves]({TRAINING_CURVES_FILE})\n" if with_curves else ""
+    citation = f"\n## Citation\n\n```bibtex\n{CITATION}\n```\n" if info.distiller == "pat" else ""
+    body = f"""
+# {model_name}
+
+A `{info.student}` student distilled from {teacher} with `{info.distiller}` on `{info.dataset}`, trained with
+[pat-hf]({PROJECT_URL}).
+
+## Model details
+
+| | |
+|---|---|
+| student | `{info.student}` ({info.num_classes} classes, input {input_size}) |
+| teacher | {teacher} |
+| teacher weights | {_teacher_weights_text(info)} |
+| distiller | `{info.distiller}` |
+| dataset | `{info.dataset}`{f" (config `{info.dataset_config}`)" if info.dataset_config else ""} |
+| exported weights | {"the EMA student" if info.exported_ema else "the student (not its EMA)"} |
+
+## Distillation settings
+
+{_settings_list(info.distiller_settings)}
+
+## Training recipe
+
+{_settings_list(info.recipe)}
+
+## Evaluation
+
+{_evaluation_table(info)}
+{curves}
+{usage_section(reference, local)}{citation}"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def with_repo_usage(card: ModelCard, repo_id: str) -> ModelCard:
+    """The card with its usage snippets and model name pointing at `repo_id` instead of a local folder."""
+    before, _, after = card.text.partition(USAGE_HEADING)
+    following = after.find("\n## ")
+    card.text = before + usage_section(repo_id, local=False) + (after[following:] if following >= 0 else "")
+    card.data.model_name = repo_id.split("/")[-1]
+    return card
+
+
+def _clean_config(config: dict[str, Any], pretrained: bool) -> dict[str, Any]:
+    config.get("model_args", {}).pop("num_classes", None)
+    if not pretrained:
+        # timm's default pretrained tag (e.g. `r160_in1k`) and its license describe weights this student never had.
+        for key in ("tag", "license"):
+            config.get("pretrained_cfg", {}).pop(key, None)
+    return config
+
+
 def export_student(student: nn.Module, directory: str | Path, *, model_kwargs: dict[str, Any],
-                   data_config: dict[str, Any], class_names: list[str] | None, card: ModelCardInfo) -> Path:
-    """Write the student alone in timm's Hub format; the folder appears complete or not at all."""
+                   data_config: dict[str, Any], class_names: list[str] | None, card: ModelCardInfo,
+                   pretrained: bool = False, summary_csv: str | Path | None = None) -> Path:
+    """Write the student alone in timm's Hub format, its model card and its training curves (from the run's
+    summary.csv); the folder appears complete or not at all."""
     directory = Path(directory)
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -98,23 +239,55 @@ def export_student(student: nn.Module, directory: str | Path, *, model_kwargs: d
     save_for_hf(student, staging, model_config=model_config, model_args=model_args, safe_serialization=True,
                 data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")})
     config_path = staging / "config.json"
-    config = json.loads(config_path.read_text())
-    config.get("model_args", {}).pop("num_classes", None)
-    config_path.write_text(json.dumps(config, indent=2))
-    (staging / "README.md").write_text(model_card(card))
+    config_path.write_text(json.dumps(_clean_config(json.loads(config_path.read_text()), pretrained), indent=2))
+    model_name = directory.resolve().parent.name
+    curves = summary_csv and write_training_curves(summary_csv, staging / TRAINING_CURVES_FILE,
+                                                   title=f"{model_name}: {card.distiller}")
+    model_card(card, model_name, str(directory.resolve()), local=True, with_curves=bool(curves)).save(
+        staging / "README.md")
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
     return directory
 
 
-def push_student(directory: str | Path, repo_id: str, private: bool | None = None, token: str | None = None) -> str:
-    """Upload an exported student folder (not a training checkpoint) to a Hub model repository."""
-    from huggingface_hub import HfApi
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
+
+def prepare_repo(repo_id: str, *, private: bool | None = None, token: str | None = None,
+                 revision: str | None = None) -> str:
+    """Create the model repository (and branch) if missing and check that the token may write to it, before
+    any training; returns the repository id the Hub resolved (`RepoUrl.repo_id`)."""
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        api.auth_check(repo_id, write=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+    except (OSError, ValueError) as error:  # HTTP errors, no token, offline mode, a malformed repo id
+        raise HubPushError(f"cannot push to the Hub repository {repo_id!r}: {_first_line(error)} (log in with "
+                           f"`hf auth login` or pass --hub_token with a write token, and check --hub_model_id)"
+                           ) from None
+    return repo_id
+
+
+def commit_message(card: ModelCard) -> str:
+    """`<student> distilled from <teacher> with <distiller> (top-1 X on DATASET)`, from the card's metadata."""
+    run = card.data.get(CARD_RUN_KEY) or {}
+    top1 = next((r for r in card.data.eval_results or [] if r.metric_type == "accuracy"), None)
+    score = f" (top-1 {top1.metric_value:.2f} on {top1.dataset_name})" if top1 else ""
+    return (f"Add {run.get('student', 'student')} distilled from {run.get('teacher') or 'no teacher'} "
+            f"with {run.get('distiller', 'pat-hf')}{score}")
+
+
+def push_student(directory: str | Path, repo_id: str, *, token: str | None = None, revision: str | None = None,
+                 create_pr: bool = False) -> str:
+    """Upload an exported student folder (not a training checkpoint) to a prepared Hub repository; its card's
+    usage snippets are rewritten for `repo_id` first. Returns the commit's (or the pull request's) URL."""
     readme = Path(directory) / "README.md"
-    readme.write_text(readme.read_text().replace('"hf-hub:DIR"', f'"hf-hub:{repo_id}"')
-                      .replace('from_pretrained("DIR")', f'from_pretrained("{repo_id}")'))
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message="Add distilled student")
-    return commit.commit_url
+    card = with_repo_usage(ModelCard.load(readme), repo_id)
+    card.save(readme)
+    commit = HfApi(token=token).upload_folder(
+        repo_id=repo_id, folder_path=str(directory), commit_message=commit_message(card), revision=revision,
+        create_pr=create_pr)
+    return commit.pr_url or commit.commit_url

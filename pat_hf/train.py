@@ -7,9 +7,11 @@
 
 `--config` takes a YAML path or the name of a config shipped with the package (`cifar/cnn`, `smoke`, ...).
 
-Every input is checked before anything is written; at the end OUTPUT_DIR/student holds the student alone in
-timm's Hub format (and on the Hub with --push-to-hub). `pat-hf-train` reports an error as one line on stderr
-(--debug: the traceback) and exits with status 1; README.md, "Failure handling", says what each fault leaves.
+Every input is checked before anything is written (with --push-to-hub, the Hub repository is created and the
+token's write access checked before training); at the end OUTPUT_DIR/student holds the student alone in timm's
+Hub format with its model card and training curves, and train_results.json / eval_results.json / all_results.json
+the final metrics. `pat-hf-train` reports an error as one line on stderr (--debug: the traceback) and exits with
+status 1; README.md, "Failure handling", says what each fault leaves behind.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import os
 import sys
 import traceback
+from typing import Any
 
 import datasets
 import torch
@@ -26,11 +29,12 @@ import transformers
 import yaml
 from transformers import TrainerCallback, set_seed
 
-from pat_hf.arguments import RunArguments, parse_arguments
+from pat_hf.arguments import DataArguments, RunArguments, parse_arguments
 from pat_hf.atomic import write_text_atomically
 from pat_hf.callbacks import MixupOffCallback, ModelEmaCallback
 from pat_hf.checkpoints import check_resumable, file_sha256, latest_complete_checkpoint, trained_epochs
 from pat_hf.data import (
+    DatasetSource,
     MixupCollator,
     attach_transform,
     build_criterion,
@@ -43,7 +47,8 @@ from pat_hf.data import (
     resolve_data_config_for,
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
-from pat_hf.hub import ModelCardInfo, export_student, push_student
+from pat_hf.hub import HubPushError, ModelCardInfo, export_student, prepare_repo, push_student
+from pat_hf.loss_meters import SUMMARY_FILE
 from pat_hf.memory_format import MemoryFormat
 from pat_hf.metrics import TopkMetrics, top_k_indices
 from pat_hf.models import create_model, create_teacher, load_weights
@@ -54,6 +59,9 @@ from pat_hf.trainer import DistillationTrainer
 
 logger = logging.getLogger("pat_hf")
 PROG = "pat-hf-train"
+
+# timm optimizers that take --momentum.
+MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "lars")
 
 
 def setup_logging(args: RunArguments) -> None:
@@ -121,6 +129,55 @@ def start_output_dir(args: RunArguments) -> None:
                                   yaml.safe_dump(args.as_dict(), sort_keys=False))
 
 
+def prepare_push(args: RunArguments) -> str | None:
+    """With --push-to-hub: the Hub repository, created and checked for write access before any training."""
+    training = args.training
+    if not training.push_student_to_hub or training.process_index != 0:
+        return None
+    repo_id = training.hub_model_id or os.path.basename(os.path.normpath(training.output_dir))
+    return prepare_repo(repo_id, private=training.hub_private_repo, token=training.hub_token,
+                        revision=training.hub_revision)
+
+
+def dataset_card_name(data: DataArguments, source: DatasetSource | None) -> str:
+    """The dataset as the model card names it: its Hub id, or a local folder's name."""
+    if source:
+        return source.path
+    local = data.data_dir or (data.dataset if os.path.isdir(data.dataset) else None)
+    return os.path.basename(os.path.normpath(local)) if local else data.dataset
+
+
+def evaluated_split(eval_set: datasets.Dataset, data: DataArguments, source: DatasetSource | None) -> str | None:
+    return data.val_split or (str(eval_set.split) if eval_set.split else None) or (source and source.eval_split)
+
+
+def distiller_settings(args: RunArguments, distiller_cls: type) -> dict[str, Any]:
+    """The distillation hyper-parameters of this run's distiller (a teacher-less one has no KD weight)."""
+    settings = {k: v for k, v in args.distiller_hyperparameters().items() if k != "distiller"}
+    if not distiller_cls.requires_teacher:
+        settings = {k: v for k, v in settings.items() if not k.startswith("kd_")}
+    return settings
+
+
+def recipe_settings(args: RunArguments) -> dict[str, Any]:
+    """The recipe values that shaped this run: a step schedule's decay only with --sched step, EMA decays
+    only with --model-ema, ...; switches that are off and unset values are left out."""
+    recipe = args.recipe
+    unused = {"resume"}
+    if recipe.sched != "step":
+        unused.add("decay_epochs")
+    if recipe.sched not in ("step", "poly"):  # poly's power is --decay-rate
+        unused.add("decay_rate")
+    if not recipe.model_ema:
+        unused.update({"model_ema_decay", "export_ema"})
+    if not recipe.amp:
+        unused.add("amp_dtype")
+    if not any(name in recipe.opt for name in MOMENTUM_OPTIMIZERS):
+        unused.add("momentum")
+    return {k: v for k, v in args.recipe_summary().items()
+            if k not in unused and v is not None and v is not False and v != []}
+
+
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict[str, float]:
     """Train, evaluate and export; `callbacks` are extra TrainerCallbacks. Returns the final eval metrics."""
     args = parse_arguments(argv)
@@ -132,6 +189,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
                      overwrite=args.training.overwrite_output_dir)
     identity = args.run_identity(teacher_weights_id(args))
     resume_from = find_resume_checkpoint(args, identity)
+    hub_repo = prepare_push(args)
 
     train_set, eval_set, source = load_splits(args.data)
     dataset_classes = num_classes_of(train_set)
@@ -183,27 +241,31 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()
     trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
 
     if trainer.is_world_process_zero():
         card = ModelCardInfo(
-            student=args.model.model, teacher=args.model.teacher, distiller=args.distill.distiller,
-            dataset=args.data.dataset, hyperparameters=args.distiller_hyperparameters(),
-            recipe=args.recipe_summary(),
-            metrics={k: v for k, v in metrics.items() if k.startswith(("eval_top", "eval_ema_top"))})
+            student=args.model.model, teacher=args.model.teacher, teacher_weights=args.model.teacher_pretrained,
+            distiller=args.distill.distiller, dataset=dataset_card_name(args.data, source),
+            eval_split=evaluated_split(eval_set, args.data, source), dataset_config=args.data.dataset_config_name,
+            num_classes=num_classes, input_size=tuple(data_config["input_size"]),
+            exported_ema=args.recipe.export_ema, distiller_settings=distiller_settings(args, distiller_cls),
+            recipe=recipe_settings(args), metrics=metrics)
         exported = memory_format.for_export(ema.named_models()[0][1] if args.recipe.export_ema else distiller.student)
         check_finite_state(exported.state_dict(), "the student")
         student_dir = export_student(
             exported, os.path.join(args.training.output_dir, "student"),
             model_kwargs=args.model.model_kwargs, data_config=data_config,
-            class_names=class_names_of(train_set), card=card)
-        logger.info("exported the student to %s", student_dir)
-        if args.training.push_student_to_hub:
-            repo_id = args.training.hub_model_id or os.path.basename(os.path.normpath(args.training.output_dir))
-            logger.info("pushed the student: %s", push_student(student_dir, repo_id, args.training.hub_private_repo,
-                                                              args.training.hub_token))
+            class_names=class_names_of(train_set), card=card, pretrained=args.model.pretrained,
+            summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
+        print(f"pat-hf: exported the student to {student_dir}", flush=True)
+        if hub_repo:
+            url = push_student(student_dir, hub_repo, token=args.training.hub_token,
+                               revision=args.training.hub_revision, create_pr=args.training.hub_create_pr)
+            print(f"pat-hf: pushed the student to {url}", flush=True)
     return metrics
 
 
@@ -222,7 +284,7 @@ def error_line(error: BaseException) -> str:
     """An error as the one line pat-hf-train prints: our own errors say what is wrong and what to do; another
     kind is named, with the way to its traceback."""
     message = " ".join(str(error).split()) or repr(error)
-    if isinstance(error, ValueError | OSError | NonFiniteError):
+    if isinstance(error, ValueError | OSError | NonFiniteError | HubPushError):
         return message[:2000]
     return f"{type(error).__name__}: {message[:2000]} (--debug shows the traceback)"
 
@@ -232,14 +294,16 @@ def _wants_traceback(argv: list[str]) -> bool:
                for arg in argv)
 
 
-def _exit(status: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
+def _exit(status: int, message: str | None = None) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Tearing down with the process group alive can hang or abort; the other processes see this one leave.
+        if message:
+            print(message, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
         logging.shutdown()
         os._exit(status)
-    raise SystemExit(status)
+    raise SystemExit(message or status)  # a message: printed on stderr, status 1
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -254,9 +318,8 @@ def cli(argv: list[str] | None = None) -> None:
     except Exception as error:  # every failure ends in one line, not a traceback
         if _wants_traceback(argv):
             traceback.print_exc()
-        else:
-            print(f"{PROG}: error: {error_line(error)}", file=sys.stderr)
-        _exit(1)
+            _exit(1)
+        _exit(1, f"{PROG}: {error_line(error)}")
     shutdown()
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from safetensors.torch import save_file
 
 STUDENT = ["--model", "test_vit", "--model-kwargs", '{"img_size": 32, "patch_size": 4}', "--img-size", "32"]
@@ -24,3 +25,41 @@ def tiny_run(output_dir: Path, teacher: str | None, *extra: str, samples: int = 
             "--max-eval-samples", "32", "--batch-size", "16", "--epochs", "1", "--lr", "0.001", "--opt", "adamw",
             "--smoothing", "0", "--output_dir", str(output_dir), "--report_to", "none", "--logging_steps", "2",
             "--disable_tqdm", "true", *extra]
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi (no network): records every call in order in `calls`, resolves a
+    bare repository name under the namespace `user`, and refuses everything when `refuse` holds an error."""
+
+    calls: list[tuple] = []
+    user = "someone"
+    refuse: Exception | None = None
+
+    def __init__(self, token=None):
+        self.calls.append(("init", token))
+
+    def _record(self, *call):
+        self.calls.append(call)
+        if self.refuse is not None:
+            raise self.refuse
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False):
+        self._record("create_repo", repo_id, private, exist_ok)
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else f'{self.user}/{repo_id}'}")
+
+    def auth_check(self, repo_id, *, write=False):
+        self._record("auth_check", repo_id, write)
+
+    def create_branch(self, repo_id, *, branch, exist_ok=False):
+        self._record("create_branch", repo_id, branch, exist_ok)
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, revision=None, create_pr=None):
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        self._record("upload_folder", repo_id, folder_path, commit_message, revision, create_pr, files)
+        url = f"https://huggingface.co/{repo_id}"
+        return CommitInfo(commit_url=f"{url}/commit/0123abc", commit_message=commit_message, commit_description="",
+                          oid="0123abc", pr_url=f"{url}/discussions/1" if create_pr else None)
+
+    @classmethod
+    def named(cls, name: str) -> list[tuple]:
+        return [call for call in cls.calls if call[0] == name]

@@ -27,7 +27,7 @@ from pat_hf.checkpoints import mark_complete
 from tests.helpers import save_teacher, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
-ERROR_PREFIX = "pat-hf-train: error: "
+ERROR_PREFIX = "pat-hf-train: "
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -174,7 +174,8 @@ ROWS: dict[str, Row] = {
                             "invalid int value: 'sixteen'", status=2),
     "wrong type, YAML": Row(lambda t: [*student_run(t / "run"), "--config", write_config(t, "lr: fast\n")],
                             "config.yaml: lr takes float, got 'fast'"),
-    "batch size 0": Row(lambda t: [*student_run(t / "run"), "--batch-size", "0"], "--batch-size must be positive, got 0"),
+    "batch size 0": Row(lambda t: [*student_run(t / "run"), "--batch-size", "0"],
+                        "--batch-size must be positive, got 0"),
     "batch size < 0": Row(lambda t: [*student_run(t / "run"), "--batch-size=-8"], "--batch-size must be positive"),
     "epochs 0": Row(lambda t: [*student_run(t / "run"), "--epochs", "0"], "--epochs must be positive, got 0"),
     "lr 0": Row(lambda t: [*student_run(t / "run"), "--lr", "0"], "--lr must be positive, got 0"),
@@ -241,9 +242,13 @@ ROWS: dict[str, Row] = {
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of the console script run in this process."""
     with pytest.raises(SystemExit) as exit_info:
         pat_train.cli(argv)
-    return exit_info.value.code, capsys.readouterr().err
+    code, stderr = exit_info.value.code, capsys.readouterr().err
+    if isinstance(code, str):  # the interpreter prints such a message on stderr and exits with status 1
+        return 1, stderr + code + "\n"
+    return code, stderr
 
 
 def error_lines(stderr: str) -> list[str]:

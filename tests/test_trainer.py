@@ -35,7 +35,7 @@ def test_run_writes_state_metrics_and_student(kd_run):
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 4  # 64 examples / batch 16, one epoch
     assert sorted(p.name for p in (output / "student").iterdir()) == ["README.md", "config.json",
-                                                                       "model.safetensors"]
+                                                                       "model.safetensors", "training_curves.png"]
 
 
 def test_loss_components_and_throughput_are_logged(kd_run):
@@ -149,7 +149,7 @@ def test_exported_student_loads_in_timm_and_transformers_with_equal_logits(kd_ru
     config = json.loads((student_dir / "config.json").read_text())
     assert config["architecture"] == "test_vit" and "num_classes" not in config["model_args"]
     card = (student_dir / "README.md").read_text()
-    assert "library_name: timm" in card and "test_resnet" in card and "`kd`" in card and "eval_top1" in card
+    assert "library_name: timm" in card and "test_resnet" in card and "`kd`" in card and "Top-1 accuracy" in card
     x = torch.randn(3, 3, 32, 32)
     in_timm = timm.create_model(f"local-dir:{student_dir}", pretrained=True).eval()
     in_transformers = AutoModelForImageClassification.from_pretrained(str(student_dir)).eval()
@@ -159,27 +159,12 @@ def test_exported_student_loads_in_timm_and_transformers_with_equal_logits(kd_ru
     assert torch.equal(trained["head.weight"], in_timm.head.weight)
 
 
-def test_push_to_hub_uploads_the_exported_student_not_a_checkpoint(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    calls = {}
-
-    class FakeHubApi:
-        def __init__(self, token=None):
-            calls["token"] = token
-
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            calls["repo"] = (repo_id, private)
-
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls["folder"] = folder_path
-            calls["files"] = sorted(p.name for p in (tmp_path / "run" / "student").iterdir())
-            return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
+def test_push_to_hub_uploads_the_exported_student_not_a_checkpoint(tmp_path, fake_hub):
     pat_train.main(tiny_run(tmp_path / "run", None, "--distiller", "vanilla", "--push-to-hub",
                               "--hub_model_id", "someone/digits-vit"))
-    assert calls["repo"][0] == "someone/digits-vit"
-    assert calls["folder"] == str(tmp_path / "run" / "student")
-    assert calls["files"] == ["README.md", "config.json", "model.safetensors"]
+    (upload,) = fake_hub.named("upload_folder")
+    assert fake_hub.named("create_repo")[0][1] == "someone/digits-vit"
+    assert upload[1] == "someone/digits-vit"
+    assert upload[2] == str(tmp_path / "run" / "student")
+    assert upload[-1] == ["README.md", "config.json", "model.safetensors", "training_curves.png"]
     assert 'hf-hub:someone/digits-vit' in (tmp_path / "run" / "student" / "README.md").read_text()
