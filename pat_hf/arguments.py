@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -200,7 +201,17 @@ class DistillTrainingArguments(TrainingArguments):
                 # Several processes and no GPU: without use_cpu accelerate falls back to one non-distributed
                 # process each; with it, they form a real gloo DDP group.
                 self.use_cpu = True
+        _check_positive("--ddp_timeout", self.ddp_timeout)
+        if self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _start_cpu_process_group(self.ddp_timeout)
         super().__post_init__()
+
+
+def _start_cpu_process_group(timeout_seconds: int) -> None:
+    """transformers hands --ddp_timeout to the process group on GPUs only: start the CPU (gloo) group here with
+    it, before accelerate would start it with torch's default of 30 minutes."""
+    if torch.distributed.is_available() and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
 
 
 # Settings that a resumed run may change: they do not change what the student learns.

@@ -40,10 +40,17 @@ def fsync_tree(folder: str | os.PathLike) -> None:
 
 
 def publish_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Flush a fully written `staging` folder and rename it to `final` (which must not exist)."""
+    """Flush a fully written `staging` folder and rename it to `final`. A `final` already there is moved
+    aside first and deleted once the new one is in place (a kill in between leaves both as `*.partial`)."""
     fsync_tree(staging)
+    final = Path(final)
+    replaced = partial_path(final.with_name(final.name + ".replaced"))
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
     os.rename(staging, final)
-    fsync_folder(Path(final).parent)
+    fsync_folder(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 @contextlib.contextmanager

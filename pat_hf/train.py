@@ -30,7 +30,7 @@ import yaml
 from transformers import TrainerCallback, set_seed
 
 from pat_hf.arguments import DataArguments, RunArguments, parse_arguments
-from pat_hf.atomic import write_text_atomically
+from pat_hf.atomic import remove_stale_partials, write_text_atomically
 from pat_hf.callbacks import MixupOffCallback, ModelEmaCallback
 from pat_hf.checkpoints import check_resumable, file_sha256, latest_complete_checkpoint, trained_epochs
 from pat_hf.data import (
@@ -115,8 +115,8 @@ def find_resume_checkpoint(args: RunArguments, identity: dict) -> str | None:
 
 
 def start_output_dir(args: RunArguments) -> None:
-    """Once every input is checked: clear the old run (--overwrite_output_dir) and write args.yaml (without the
-    Hub token: TrainingArguments masks it)."""
+    """Once every input is checked: clear the old run (--overwrite_output_dir) or what a kill left half-written,
+    and write args.yaml (without the Hub token: TrainingArguments masks it)."""
     training = args.training
     with training.main_process_first(desc="preparing the output folder"):
         if training.process_index == 0:
@@ -124,6 +124,7 @@ def start_output_dir(args: RunArguments) -> None:
                 removed = clear_run(training.output_dir)
                 if removed:
                     logger.info("--overwrite_output_dir: removed %s", ", ".join(p.name for p in removed))
+            remove_stale_partials(training.output_dir)  # writes that a kill interrupted
             os.makedirs(training.output_dir, exist_ok=True)
             write_text_atomically(os.path.join(training.output_dir, "args.yaml"),
                                   yaml.safe_dump(args.as_dict(), sort_keys=False))
@@ -289,6 +290,20 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {message[:2000]} (--debug shows the traceback)"
 
 
+def _distributed_rank() -> int | None:
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if initialized and torch.distributed.get_world_size() > 1 else None
+
+
+def distributed_error_line(error: BaseException, rank: int) -> str:
+    """One process's error in a distributed run, named by its rank; a collective that timed out is the
+    symptom of another process that failed or hung, whose own error (if any) is on its own line."""
+    if isinstance(error, RuntimeError) and any(word in str(error).lower() for word in ("timed out", "timeout")):
+        return (f"process {rank}: no answer from the other processes within --ddp_timeout (one of them failed or "
+                f"hung): {error_line(error)}")
+    return f"process {rank}: {error_line(error)}"
+
+
 def _wants_traceback(argv: list[str]) -> bool:
     return any(arg == "--debug" or arg.split("=", 1) in (["--debug", v] for v in ("true", "True", "1", "yes"))
                for arg in argv)
@@ -319,7 +334,8 @@ def cli(argv: list[str] | None = None) -> None:
         if _wants_traceback(argv):
             traceback.print_exc()
             _exit(1)
-        _exit(1, f"{PROG}: {error_line(error)}")
+        rank = _distributed_rank()
+        _exit(1, f"{PROG}: {error_line(error) if rank is None else distributed_error_line(error, rank)}")
     shutdown()
 
 
