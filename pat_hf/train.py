@@ -51,7 +51,7 @@ from pat_hf.hub import HubPushError, ModelCardInfo, export_student, prepare_repo
 from pat_hf.loss_meters import SUMMARY_FILE
 from pat_hf.memory_format import MemoryFormat
 from pat_hf.metrics import TopkMetrics, top_k_indices
-from pat_hf.models import create_model, create_teacher, load_weights
+from pat_hf.models import create_model, create_teacher, load_weights, require_file
 from pat_hf.nonfinite import NonFiniteError, check_finite_state
 from pat_hf.output_dir import check_output_dir, clear_run
 from pat_hf.schedule import training_epochs
@@ -77,8 +77,7 @@ def teacher_weights_id(args: RunArguments) -> str | None:
     path = args.model.teacher_pretrained
     if not args.model.teacher or not path or path.startswith(("hf-hub:", "local-dir:")):
         return path or None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}")
+    require_file(path, "teacher checkpoint")
     return file_sha256(path)
 
 
@@ -207,7 +206,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     teacher = None
     if args.model.teacher:
         teacher = create_teacher(args.model.teacher, args.model.teacher_pretrained, num_classes,
-                                 args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher)
+                                 args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher,
+                                 dataset_classes=dataset_classes)
 
     img_size = args.model.img_size or args.model.model_kwargs.get("img_size")
     data_config = resolve_data_config_for(args.data, student, img_size, source)
