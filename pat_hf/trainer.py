@@ -302,7 +302,9 @@ class DistillationTrainer(ExactResumeTrainer):
             self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        super()._save(output_dir, self.memory_format.saveable_state(self.distiller, state_dict))
+        # The Trainer pickles its arguments into training_args.bin: without the Hub token.
+        with _temporarily(self.args, "hub_token", None):
+            super()._save(output_dir, self.memory_format.saveable_state(self.distiller, state_dict))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
