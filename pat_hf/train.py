@@ -257,11 +257,15 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             recipe=recipe_settings(args), metrics=metrics)
         exported = memory_format.for_export(ema.named_models()[0][1] if args.recipe.export_ema else distiller.student)
         check_finite_state(exported.state_dict(), "the student")
-        student_dir = export_student(
-            exported, os.path.join(args.training.output_dir, "student"),
-            model_kwargs=args.model.model_kwargs, data_config=data_config,
-            class_names=class_names_of(train_set), card=card, pretrained=args.model.pretrained,
-            summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
+        student_dir = os.path.join(args.training.output_dir, "student")
+        try:
+            export_student(exported, student_dir, model_kwargs=args.model.model_kwargs, data_config=data_config,
+                           class_names=class_names_of(train_set), card=card, pretrained=args.model.pretrained,
+                           summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
+        except OSError as error:
+            raise OSError(f"could not write the student to {student_dir}: {error.strerror or error}; nothing of it "
+                          f"was kept and the checkpoints are intact: free space (or restore write access) and "
+                          f"export it with --resume") from error
         print(f"pat-hf: exported the student to {student_dir}", flush=True)
         if hub_repo:
             url = push_student(student_dir, hub_repo, token=args.training.hub_token,

@@ -216,6 +216,7 @@ class DistillationTrainer(ExactResumeTrainer):
             # set_epoch on to the sampler, which would then replay epoch 0's order.
             self._train_sampler.set_epoch(epoch)
         super()._run_epoch(model, epoch, *args, **kwargs)
+        self.nonfinite.raise_if_bad(self.accelerator, self._nonfinite_hint())
         train_means = self.meters.epoch.means(self.accelerator)
         if self.args.should_save:
             write_summary_row(self.args.output_dir, float(self.state.epoch or 0), self._train_lr, train_means,

@@ -149,7 +149,13 @@ def test_a_full_disk_mid_save_stops_in_one_line_and_the_run_resumes(tmp_path, mo
 def test_a_full_disk_during_the_export_leaves_no_half_written_student(tmp_path, monkeypatch):
     output = tmp_path / "run"
     fail_when_writing(monkeypatch, safetensors.torch, "save_file", "student.partial")
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError) as error:
         pat_train.main(student_run(output))
+    assert pat_train.error_line(error.value) == (
+        f"could not write the student to {output / 'student'}: No space left on device; nothing of it was kept and "
+        f"the checkpoints are intact: free space (or restore write access) and export it with --resume")
     assert not (output / "student").exists() and not list(output.glob("*.partial"))
     assert (latest_complete_checkpoint(output) / COMPLETE_MARKER).is_file()
+    monkeypatch.undo()
+    pat_train.main([*student_run(output), "--resume"])
+    assert (output / "student" / "model.safetensors").is_file()
