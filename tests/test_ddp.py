@@ -197,7 +197,7 @@ def test_a_failing_process_ends_the_run_with_its_error(tmp_path):
 
 
 def test_a_hanging_process_ends_the_run_after_the_ddp_timeout(tmp_path):
-    flags = tiny_run(tmp_path / "run", None, "--distiller", "vanilla", *DETERMINISTIC, "--ddp_timeout", "20",
+    flags = tiny_run(tmp_path / "run", None, "--distiller", "vanilla", *DETERMINISTIC, "--ddp_timeout", "10",
                      samples=96)
     started = time.monotonic()
     result = launch(flags, timeout=240, PAT_HF_TEST_STALL="1:2")
