@@ -94,7 +94,7 @@ def load_student(path: Path, options: EvaluateArguments, run: dict[str, Any],
     if not name:
         raise ValueError(f"no args.yaml next to {path}: pass --model NAME (and --model_kwargs) for its student")
     kwargs = json.loads(options.model_kwargs) if options.model else model_args.get("model_kwargs", {})
-    student = create_model(name, num_classes, kwargs)
+    student = create_model(name, num_classes, kwargs, img_size=None if options.model else model_args.get("img_size"))
     missing, unexpected = student.load_state_dict(_checkpoint_state(path, options.use_ema), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")

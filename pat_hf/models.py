@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import inspect
 import os
 import pickle
 import re
@@ -49,20 +50,79 @@ def _create_with_overridden_defaults(name: str, num_classes: int, kwargs: dict[s
     return real_builder(*args, **{**built_kwargs, **kwargs})
 
 
-def create_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None = None,
-                 pretrained: bool = False) -> nn.Module:
-    """`timm.create_model`, with a clear error for unknown names and overridable variant defaults."""
-    kwargs = dict(kwargs or {})
-    if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the available names"
-        raise ValueError(f"unknown timm model {name!r}; {hint}")
+ImageSize = int | tuple[int, int]
+
+
+def _as_pair(size: ImageSize | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def exported_model_kwargs(model: nn.Module, kwargs: Mapping[str, Any], img_size: ImageSize | None) -> dict[str, Any]:
+    """The kwargs that rebuild `model` from an exported config: with `img_size` where its class is built for an
+    input size (ViT, Swin, Mixer, ...; most CNNs are not)."""
+    if img_size is None or "img_size" not in inspect.signature(type(model).__init__).parameters:
+        return dict(kwargs)
+    return {**kwargs, "img_size": img_size}
+
+
+def _build(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as error:
         if "multiple values for keyword argument" not in str(error) or pretrained:
             raise
         return _create_with_overridden_defaults(name, num_classes, kwargs)
+
+
+def _build_for_size(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool,
+                    img_size: ImageSize) -> nn.Module:
+    """timm's `img_size` where the model takes one (a pretrained ViT's position embeddings are resampled);
+    a model that takes none (most CNNs) is built as it is and must simply run at that size."""
+    height, width = _as_pair(img_size)
+    if "img_size" in kwargs:
+        if _as_pair(kwargs["img_size"]) != (height, width):
+            raise ValueError(f"{name}: img_size {kwargs['img_size']} in its kwargs contradicts the run's input size "
+                             f"{height}x{width} (--img-size); drop one of them")
+        kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    size_arg = height if height == width else (height, width)
+    try:
+        try:
+            model = _build(name, num_classes, {**kwargs, "img_size": size_arg}, pretrained)
+        except TypeError as error:
+            if "'img_size'" not in str(error):
+                raise
+            model = _build(name, num_classes, kwargs, pretrained)
+        _check_runs_at(model, height, width)
+    except (AssertionError, RuntimeError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{name} cannot run at an input size of {height}x{width} (--img-size): {message}") from None
+    return model
+
+
+@torch.no_grad()
+def _check_runs_at(model: nn.Module, height: int, width: int) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        parameter = next(model.parameters())
+        model(torch.zeros(1, 3, height, width, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        model.train(was_training)
+
+
+def create_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None = None,
+                 pretrained: bool = False, img_size: ImageSize | None = None) -> nn.Module:
+    """`timm.create_model`, with a clear error for unknown names and overridable variant defaults.
+
+    `img_size`: build the model for that input size (int or (height, width)) and check that it runs there."""
+    kwargs = dict(kwargs or {})
+    if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the available names"
+        raise ValueError(f"unknown timm model {name!r}; {hint}")
+    if img_size is None:
+        return _build(name, num_classes, kwargs, pretrained)
+    return _build_for_size(name, num_classes, kwargs, pretrained, img_size)
 
 
 def _unreadable(path: str, error: Exception) -> ValueError:
@@ -141,10 +201,6 @@ def _check_classifier(model: nn.Module, state: dict[str, torch.Tensor], path: st
                      f"classes; pass --num-classes {stored.shape[0]} or a matching checkpoint")
 
 
-def _shape(tensor: torch.Tensor) -> str:
-    return "x".join(map(str, tensor.shape)) or "scalar"
-
-
 def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """One line on what differs between a checkpoint and the model: counts and a few examples."""
     expected = model.state_dict()
@@ -155,7 +211,7 @@ def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> N
         return
     parts = []
     if reshaped:
-        examples = "; ".join(f"{k}: {_shape(state[k])} in the file, {_shape(expected[k])} in the model"
+        examples = "; ".join(f"{k} is {tuple(state[k].shape)} there and {tuple(expected[k].shape)} in the model"
                              for k in reshaped[:2])
         parts.append(f"{len(reshaped)} tensors of another shape (e.g. {examples})")
     if missing:
@@ -163,8 +219,9 @@ def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> N
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-    raise ValueError(f"{path} does not fit {name}: {', '.join(parts)}; is it a checkpoint of another model, or of "
-                     f"this one built otherwise (--img-size, --model-kwargs / --teacher-kwargs)?")
+    raise ValueError(f"{path} does not fit {name}: {', '.join(parts)}; weights of another model, or of this one "
+                     f"for another input size or variant? build the model as the checkpoint was (its --img-size, "
+                     f"--model-kwargs / --teacher-kwargs)")
 
 
 def load_weights(model: nn.Module, path: str, use_ema: bool = False, dataset_classes: int | None = None) -> nn.Module:
@@ -177,15 +234,20 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False, dataset_cla
 
 
 def create_teacher(name: str, checkpoint: str, num_classes: int, kwargs: Mapping[str, Any] | None = None,
-                   use_ema: bool = False, dataset_classes: int | None = None) -> nn.Module:
+                   use_ema: bool = False, img_size: ImageSize | None = None,
+                   dataset_classes: int | None = None) -> nn.Module:
     """A frozen teacher in eval mode: from a local checkpoint, or from `hf-hub:` / `local-dir:` weights.
-    `dataset_classes`: the data's, so that a class-count hint never suggests a --num-classes below it."""
+
+    With `img_size`, weights saved for another size are adapted where the family's timm checkpoint filter can
+    (ViT position embeddings are resampled, Swin's relative position tables resized). `dataset_classes`: the
+    data's, so that a class-count hint never suggests a --num-classes below it."""
     if checkpoint.startswith(("hf-hub:", "local-dir:")):
-        teacher = create_model(checkpoint, num_classes, kwargs, pretrained=True)
+        teacher = create_model(checkpoint, num_classes, kwargs, pretrained=True, img_size=img_size)
     else:
         if not checkpoint:
             raise ValueError(f"--teacher {name} needs --teacher-pretrained FILE (or --teacher '' for no teacher)")
         require_file(checkpoint, "teacher checkpoint")
-        teacher = load_weights(create_model(name, num_classes, kwargs), checkpoint, use_ema, dataset_classes)
+        teacher = load_weights(create_model(name, num_classes, kwargs, img_size=img_size), checkpoint, use_ema,
+                               dataset_classes)
     teacher.requires_grad_(False)
     return teacher.eval()

@@ -28,6 +28,7 @@ from torch import nn
 
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
 from pat_hf.models import create_model, read_state_dict, remap_legacy_keys
+from pat_hf.modules.grid_aligner import grids_are_multiples
 
 # (pattern, replacement) pairs applied in order to the keys of each distiller's reference state.
 REFERENCE_RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -141,6 +142,9 @@ def _reference_fitnet_aligner(stage: int, student, teacher) -> _ReferenceAligner
     where = f"reference fitnet stage {stage} ({pair})"
     if student.height != student.width or teacher.height != teacher.width:
         raise ValueError(f"{where}: the reference aligns square grids only, so it cannot have saved this stage")
+    if not grids_are_multiples(student.size, teacher.size):
+        raise ValueError(f"{where}: the grids are not integer multiples of each other, which the reference's "
+                         "aligners cannot handle, so it cannot have saved this stage")
     if not student.is_sequence and not teacher.is_sequence:
         if student.size != teacher.size:
             raise ValueError(f"{where}: the reference's 1x1 conv keeps the student's grid, so it cannot have "

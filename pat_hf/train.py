@@ -51,7 +51,7 @@ from pat_hf.hub import HubPushError, ModelCardInfo, export_student, prepare_repo
 from pat_hf.loss_meters import SUMMARY_FILE
 from pat_hf.memory_format import MemoryFormat
 from pat_hf.metrics import TopkMetrics, top_k_indices
-from pat_hf.models import create_model, create_teacher, load_weights, require_file
+from pat_hf.models import create_model, create_teacher, exported_model_kwargs, load_weights, require_file
 from pat_hf.nonfinite import NonFiniteError, check_finite_state
 from pat_hf.output_dir import check_output_dir, clear_run
 from pat_hf.schedule import training_epochs
@@ -200,17 +200,19 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     student_kwargs = {"drop_rate": args.model.drop, **args.model.model_kwargs}
     if args.model.drop_path is not None:
         student_kwargs["drop_path_rate"] = args.model.drop_path
-    student = create_model(args.model.model, num_classes, student_kwargs, pretrained=args.model.pretrained)
+    student = create_model(args.model.model, num_classes, student_kwargs, pretrained=args.model.pretrained,
+                           img_size=args.model.img_size)
     if args.model.initial_checkpoint:
         load_weights(student, args.model.initial_checkpoint)
+    img_size = args.model.img_size or args.model.model_kwargs.get("img_size")
+    data_config = resolve_data_config_for(args.data, student, img_size, source)
+    # The teacher sees the student's inputs, so it is built for their size too (--img-size or the student's).
+    input_height, input_width = data_config["input_size"][1:]
     teacher = None
     if args.model.teacher:
         teacher = create_teacher(args.model.teacher, args.model.teacher_pretrained, num_classes,
                                  args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher,
-                                 dataset_classes=dataset_classes)
-
-    img_size = args.model.img_size or args.model.model_kwargs.get("img_size")
-    data_config = resolve_data_config_for(args.data, student, img_size, source)
+                                 img_size=(input_height, input_width), dataset_classes=dataset_classes)
     batch_size = args.training.per_device_train_batch_size
     mixup = build_mixup(args.data, num_classes, batch_size)
     distiller_cls = get_distiller_class(args.distill.distiller)
@@ -259,8 +261,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         check_finite_state(exported.state_dict(), "the student")
         student_dir = os.path.join(args.training.output_dir, "student")
         try:
-            export_student(exported, student_dir, model_kwargs=args.model.model_kwargs, data_config=data_config,
-                           class_names=class_names_of(train_set), card=card, pretrained=args.model.pretrained,
+            export_student(exported, student_dir,
+                           model_kwargs=exported_model_kwargs(student, args.model.model_kwargs, args.model.img_size),
+                           data_config=data_config, class_names=class_names_of(train_set), card=card,
+                           pretrained=args.model.pretrained,
                            summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
         except OSError as error:
             raise OSError(f"could not write the student to {student_dir}: {error.strerror or error}; nothing of it "

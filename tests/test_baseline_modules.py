@@ -53,11 +53,16 @@ def test_grid_aligner_unfolds_each_cell_onto_its_own_block():
     torch.testing.assert_close(aligner(x), expected)
 
 
-def test_grid_aligner_rejects_grids_that_are_not_multiples():
-    with pytest.raises(ValueError, match="a 5-cell side is not a multiple of a 3-cell side"):
-        GridAligner(4, (5, 5), 4, (3, 3))
-    with pytest.raises(ValueError, match="finer along one axis and coarser along the other"):
-        GridAligner(4, (4, 2), 4, (2, 4))
+@pytest.mark.parametrize(("in_size", "out_size"), [((5, 5), (3, 3)), ((4, 2), (2, 4)), ((6, 6), (20, 20))])
+def test_grid_aligner_pools_grids_that_are_not_multiples_onto_the_output_grid(in_size, out_size):
+    aligner = GridAligner(3, in_size, 5, out_size)
+    assert aligner.pool_to == out_size and aligner.proj.kernel_size == (1, 1)
+    x = torch.randn(2, 3, *in_size, dtype=torch.float64)
+    aligner = aligner.double()
+    expected = torch.nn.functional.conv2d(torch.nn.functional.adaptive_avg_pool2d(x, out_size),
+                                          aligner.proj.weight, aligner.proj.bias)
+    torch.testing.assert_close(aligner(x), expected)
+    assert GridAligner(3, (8, 8), 5, (2, 2)).pool_to is None  # multiples keep the reference's aligners
 
 
 def test_patch_merging_concatenates_neighbours_row_offset_first():

@@ -91,15 +91,18 @@ def test_ofa_loads_a_reference_state_of_another_width():
     assert build("ofa").branch_heads["4"].classifier.in_features == 96
 
 
-def test_fitnet_rejects_bad_stages_and_grids_that_are_not_multiples():
+def test_fitnet_rejects_bad_stages_and_pools_grids_that_are_not_multiples():
     with pytest.raises(ValueError, match=r"--fitnet-stages takes distinct stages 1-4, got \[1, 1\]"):
         build("fitnet", fitnet_stages=[1, 1])
     student = create_model("test_vit", NUM_CLASSES, {"img_size": 40, "patch_size": 8})
     context = DistillContext(input_size=(3, 40, 40), num_classes=NUM_CLASSES)
     fitnet = get_distiller_class("fitnet")
-    with pytest.raises(ValueError, match="fitnet cannot match student stage 3 to teacher stage 3: aligning a 5x5 "
-                                         "grid onto 3x3"):
-        fitnet(student, tiny_model("resnet"), DistillArguments(distiller="fitnet"), fitnet.Arguments(), context)
+    # A 5x5 token grid against test_resnet's 3x3 stage 3 at 40 pixels: pooled onto the teacher's grid.
+    distiller = fitnet(student, tiny_model("resnet"), DistillArguments(distiller="fitnet"), fitnet.Arguments(),
+                       context).train()
+    assert distiller.aligners["3"].pool_to == (3, 3)
+    out = distiller(torch.randn(2, 3, 40, 40), torch.tensor([0, 1]))
+    assert torch.isfinite(out["loss_fitnet"]) and float(out["loss_fitnet"]) > 0
 
 
 def test_crd_needs_train_labels_and_an_index():

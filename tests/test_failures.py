@@ -187,7 +187,11 @@ ROWS: dict[str, Row] = {
                                    "--pat-afp-stage takes stages 1-4, got [0, 5]"),
     "skip-nonfinite-steps < 0": Row(lambda t: [*student_run(t / "run"), "--skip-nonfinite-steps=-1"],
                                     "--skip-nonfinite-steps must be 0 or more"),
-    # Models and weights.
+    # Models and weights (the image size is checked once the models are built, before any image is decoded).
+    "image size the model cannot take": Row(
+        lambda t: [*student_run(t / "run"), "--model-kwargs", '{"patch_size": 4}', "--img-size", "30"],
+        "test_vit cannot run at an input size of 30x30 (--img-size): Input height (30) should be divisible by patch "
+        "size (4)"),
     "unknown timm model": Row(lambda t: [*student_run(t / "run"), "--model", "resnet19"],
                               "unknown timm model 'resnet19'; did you mean resnet18"),
     "teacher file missing": Row(lambda t: teacher_run(t / "run", str(t / "nope.safetensors")),

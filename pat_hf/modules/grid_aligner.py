@@ -8,41 +8,44 @@ projector family expressed once for every pair of layouts:
   * coarser input: a 1x1 conv to ratio^2 * C_out channels, each input cell unfolded into its ratio x ratio
     output cells (the reference's Linear + Unpatchify). For sequence->sequence the reference reshaped the
     widened tokens into consecutive tokens instead, which scatters one cell's outputs along a grid row; the
-    unfolding keeps them on their spatial block.
+    unfolding keeps them on their spatial block;
+  * grids that are not integer multiples of each other (Inception's 20x20 against 6x6, or finer along one axis
+    and coarser along the other), which the reference never aligned: the input is first average-pooled onto
+    the output grid (adaptive pooling: each output cell averages the input cells it overlaps), then a 1x1 conv.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 
-def _ratio(larger: int, smaller: int, what: str) -> int:
-    if larger % smaller:
-        raise ValueError(f"{what}: a {larger}-cell side is not a multiple of a {smaller}-cell side")
-    return larger // smaller
+def grids_are_multiples(in_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
+    """Whether one grid is an integer multiple of the other along both axes, in the same direction."""
+    if all(i >= o for i, o in zip(in_size, out_size)):
+        return all(i % o == 0 for i, o in zip(in_size, out_size))
+    if all(i <= o for i, o in zip(in_size, out_size)):
+        return all(o % i == 0 for i, o in zip(in_size, out_size))
+    return False
 
 
 class GridAligner(nn.Module):
     def __init__(self, in_channels: int, in_size: tuple[int, int], out_channels: int, out_size: tuple[int, int],
                  *, bias: bool = True):
         super().__init__()
-        finer = [i > o for i, o in zip(in_size, out_size)]
-        coarser = [i < o for i, o in zip(in_size, out_size)]
-        if any(finer) and any(coarser):
-            raise ValueError(f"cannot align a {in_size[0]}x{in_size[1]} grid onto {out_size[0]}x{out_size[1]}: "
-                             "finer along one axis and coarser along the other")
-        what = f"aligning a {in_size[0]}x{in_size[1]} grid onto {out_size[0]}x{out_size[1]}"
-        if any(finer):
-            kernel = tuple(_ratio(i, o, what) for i, o in zip(in_size, out_size))
-            self.unfold = (1, 1)
-            self.proj = nn.Conv2d(in_channels, out_channels, kernel, stride=kernel, bias=bias)
-        else:
-            self.unfold = tuple(_ratio(o, i, what) for i, o in zip(in_size, out_size))
-            self.proj = nn.Conv2d(in_channels, out_channels * self.unfold[0] * self.unfold[1], 1, bias=bias)
+        self.pool_to = None if grids_are_multiples(in_size, out_size) else tuple(out_size)
+        if self.pool_to is not None:
+            in_size = out_size
+        self.unfold = tuple(max(o // i, 1) for i, o in zip(in_size, out_size))
+        kernel = tuple(max(i // o, 1) for i, o in zip(in_size, out_size))
+        self.proj = nn.Conv2d(in_channels, out_channels * self.unfold[0] * self.unfold[1], kernel, stride=kernel,
+                              bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_to is not None:
+            x = F.adaptive_avg_pool2d(x, self.pool_to)
         x = self.proj(x)
         if self.unfold == (1, 1):
             return x
