@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -144,8 +145,16 @@ class RecipeArguments:
     amp_dtype: str = field(default="float16", metadata=_help("float16 | bfloat16: the --amp type on CUDA"))
     channels_last: bool = field(default=False, metadata=_help("channels-last memory format for models and inputs"))
     resume: bool = field(default=False, metadata=_help("continue from the latest checkpoint in --output_dir"))
+    resume_ignore_changes: bool = field(default=False, metadata=_help(
+        "--resume even where this run's settings (teacher weights, batch size, data, ...) differ from the "
+        "checkpoint's"))
+    skip_nonfinite_steps: int = field(default=0, metadata=_help(
+        "tolerate up to N training steps with a NaN/inf loss by skipping their update (fp16 overflow); "
+        "0: stop at the first"))
 
     def __post_init__(self):
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"--skip-nonfinite-steps must be 0 or more, got {self.skip_nonfinite_steps}")
         name = self.opt.lower().removeprefix("lookahead_")
         if name not in list_optimizers():
             raise ValueError(f"unknown optimizer --opt {self.opt!r}; e.g. sgd, adamw, lamb "
@@ -207,8 +216,23 @@ class DistillTrainingArguments(TrainingArguments):
     dataloader_drop_last: bool = field(default=True, metadata=_help("drop the last incomplete training batch"))
     push_to_hub: bool = field(default=False, metadata=_help("push OUTPUT_DIR/student (not checkpoints) to the Hub"))
     hub_create_pr: bool = field(default=False, metadata=_help("push the student as a pull request", "--hub-create-pr"))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "replace the run already in --output_dir (its checkpoints, student and logs are deleted)"))
+    # A NaN loss stops the run (pat_hf/nonfinite.py); transformers' filter would log it as an earlier mean and
+    # read the loss on the host every step.
+    logging_nan_inf_filter: bool = field(default=False, metadata=_help("keep False: non-finite losses stop the run"))
+    # A process that dies leaves the others waiting in a collective: end them after this long, not 30 minutes.
+    ddp_timeout: int = field(default=600, metadata=_help("seconds a process waits for the others (distributed)"))
+    # Ours, in place of transformers' --debug (underflow/overflow and TPU debugging, which pat-hf does not use).
+    debug: bool = field(default=False, metadata=_help("show the full traceback of an error"))
 
     def __post_init__(self):
+        self.show_traceback = bool(self.debug)
+        self.debug = ""
+        _check_positive("--batch-size", self.per_device_train_batch_size)
+        _check_positive("--lr", self.learning_rate)
+        if not self.max_steps or self.max_steps < 0:
+            _check_positive("--epochs", self.num_train_epochs)
         # Our --push-to-hub publishes the exported student; the Trainer must not push training checkpoints.
         self.push_student_to_hub = self.push_to_hub
         self.push_to_hub = False
@@ -224,7 +248,23 @@ class DistillTrainingArguments(TrainingArguments):
             self.dataloader_num_workers = auto_num_workers(on_gpu=torch.cuda.is_available() and not self.use_cpu)
         if self.dataloader_persistent_workers is None:
             self.dataloader_persistent_workers = self.dataloader_num_workers > 0
+        _check_positive("--ddp_timeout", self.ddp_timeout)
+        if self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _start_cpu_process_group(self.ddp_timeout)
         super().__post_init__()
+
+
+def _start_cpu_process_group(timeout_seconds: int) -> None:
+    """transformers hands --ddp_timeout to the process group on GPUs only: start the CPU (gloo) group here with
+    it, before accelerate would start it with torch's default of 30 minutes."""
+    if torch.distributed.is_available() and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
+
+
+# Settings that a resumed run may change: they do not change what the student learns.
+_DATA_NOT_IN_IDENTITY = {"validation_batch_size"}
+_RECIPE_NOT_IN_IDENTITY = {"resume", "resume_ignore_changes", "skip_nonfinite_steps", "model_ema", "model_ema_decay",
+                           "export_ema", "channels_last"}
 
 
 @dataclass
@@ -236,11 +276,27 @@ class RunArguments:
     hparams: Any
     training: DistillTrainingArguments
 
-    def run_identity(self) -> dict[str, Any]:
-        """What a checkpoint must share with the run that resumes it."""
-        m = self.model
-        return {"model": m.model, "model_kwargs": m.model_kwargs, "teacher": m.teacher,
-                "teacher_kwargs": m.teacher_kwargs, "distiller": self.distill.distiller}
+    def run_identity(self, teacher_weights: str | None = None) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it (pat_hf/checkpoints.py): the models and the
+        distiller, and every setting that changes what is trained, by its YAML key. `teacher_weights` names the
+        teacher's weights by content (the sha256 of its file). The run's length, its logging, saving and
+        evaluation schedule, and how it is run (workers, memory format, EMA copies) may change."""
+        m, t = self.model, self.training
+        own = dataclasses.asdict(self.hparams) if self.hparams is not None else {}
+        identity = {
+            "model": m.model, "model_kwargs": m.model_kwargs, "teacher": m.teacher, "teacher_kwargs": m.teacher_kwargs,
+            "distiller": self.distill.distiller,
+            "teacher_weights": teacher_weights or m.teacher_pretrained or None, "use_ema_teacher": m.use_ema_teacher,
+            "num_classes": m.num_classes, "img_size": m.img_size, "drop": m.drop, "drop_path": m.drop_path,
+            **{k: v for k, v in dataclasses.asdict(self.data).items() if k not in _DATA_NOT_IN_IDENTITY},
+            **{k: v for k, v in dataclasses.asdict(self.recipe).items() if k not in _RECIPE_NOT_IN_IDENTITY},
+            **dataclasses.asdict(self.distill), **own,
+            "batch_size": t.per_device_train_batch_size, "processes": t.world_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps, "lr": t.learning_rate,
+            "weight_decay": t.weight_decay, "clip_grad": t.max_grad_norm, "seed": t.seed, "data_seed": t.data_seed,
+            "drop_last": t.dataloader_drop_last,
+        }
+        return json.loads(json.dumps(identity))  # as the checkpoint's marker stores it (tuples become lists)
 
     def distiller_hyperparameters(self) -> dict[str, Any]:
         shared = dataclasses.asdict(self.distill)
@@ -260,6 +316,11 @@ class RunArguments:
         resolved["distiller_hyperparameters"] = dataclasses.asdict(self.hparams) if self.hparams else {}
         resolved["training"] = json.loads(self.training.to_json_string())
         return resolved
+
+
+def _check_positive(flag: str, value: float) -> None:
+    if not value > 0:  # NaN too
+        raise ValueError(f"{flag} must be positive, got {value}")
 
 
 def _json_dict(value: Any, flag: str) -> dict:
@@ -345,9 +406,9 @@ def _config_chain(path: str, _included_from: tuple[Path, ...] = ()) -> list[tupl
     return [*_config_chain(str(base_path), chain), (path, config)]
 
 
-def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, Any]:
-    """The defaults a YAML file sets, by field name, its own keys overriding its bases'. `distiller`: the run's,
-    to name the distiller a key of another one belongs to."""
+def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, tuple[str, Any]]:
+    """The defaults a YAML file sets, by field name, as (key as written, value), its own keys overriding its
+    bases'. `distiller`: the run's, to name the distiller a key of another one belongs to."""
     destinations = _key_to_dest(types)
     others = _owners_of_other_options(get_distiller_class(distiller)) if distiller else {}
     defaults = {}
@@ -358,8 +419,48 @@ def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, 
                 raise ValueError(_belongs_elsewhere(f"key {key!r} in {file}", others[normalised], distiller))
             if normalised not in destinations:
                 raise ValueError(f"unknown key {key!r} in {file}; run with --help for the accepted names")
-            defaults[destinations[normalised]] = value
+            defaults[destinations[normalised]] = (str(key), value)
     return defaults
+
+
+def _typed_value(action: argparse.Action, value: Any) -> Any:
+    """`value` converted by the option's type as argparse converts a typed flag; TypeError/ValueError if it
+    cannot be."""
+    if value is None or action.type is None:
+        return value
+    if action.type is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+        raise ValueError(value)
+    converted = action.type(value if isinstance(value, str) else str(value) if action.type is str else value)
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(value)
+    return converted
+
+
+def _typed_config_values(parser: HfArgumentParser, defaults: dict[str, tuple[str, Any]],
+                         config_path: str) -> dict[str, Any]:
+    """The YAML values with the types of their options: a value of the wrong type is an error naming its key,
+    before anything is built."""
+    actions = {action.dest: action for action in parser._actions}
+    typed = {}
+    for dest, (key, value) in defaults.items():
+        action = actions[dest]
+        takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+        expected = {"string_to_bool": "true or false"}.get(getattr(action.type, "__name__", ""),
+                                                            getattr(action.type, "__name__", "a value"))
+        try:
+            if takes_list:
+                typed[dest] = [_typed_value(action, v) for v in (value if isinstance(value, list) else [value])]
+            elif isinstance(value, dict) and action.type is str:
+                typed[dest] = value  # a JSON-object option (--model-kwargs) given as a YAML mapping
+            elif isinstance(value, list | dict):
+                raise ValueError(value)
+            else:
+                typed[dest] = _typed_value(action, value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            what = f"a list of {expected}" if takes_list else expected
+            choices = f" (one of {', '.join(map(str, action.choices))})" if action.choices else ""
+            raise ValueError(f"{config_path}: {key} takes {what}{choices}, got {value!r}") from None
+    return typed
 
 
 def _distiller_name(argv: list[str]) -> str:
@@ -387,9 +488,16 @@ def _set_mixed_precision(values: dict[str, Any]) -> None:
         values["use_cpu"] = True
 
 
+class _OneLineErrorParser(HfArgumentParser):
+    """argparse's errors as one line on stderr (no usage block), exit status 2 as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def _build_parser(types: list[type]) -> HfArgumentParser:
-    parser = HfArgumentParser(types, epilog="Each distiller has options of its own: add --distiller NAME to "
-                                            "--help to list them.")
+    parser = _OneLineErrorParser(types, prog="pat-hf-train", epilog="Each distiller has options of its own: add "
+                                                                   "--distiller NAME to --help to list them.")
     parser.add_argument("-c", "--config", default="", help="YAML file of default values (reference keys)")
     parser._option_string_actions["--distiller"].help = f"distillation method: {' | '.join(DISTILLERS)}"
     return parser
@@ -407,9 +515,9 @@ def parse_arguments(argv: list[str] | None = None) -> RunArguments:
     config_path = parser.parse_known_args(argv)[0].config
     if config_path:
         defaults = read_config(config_path, types, distiller)
-        if defaults.get("max_grad_norm", 0) is None:
-            defaults["max_grad_norm"] = 0.0
-        parser.set_defaults(**defaults)
+        if defaults.get("max_grad_norm", ("", 0))[1] is None:
+            defaults["max_grad_norm"] = (defaults["max_grad_norm"][0], 0.0)
+        parser.set_defaults(**_typed_config_values(parser, defaults, config_path))
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         others = _owners_of_other_options(distiller_cls)

@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from timm.models import save_for_hf
 from torch import nn
 
+from pat_hf.atomic import cleaned_up_on_failure, partial_path, publish_folder
 from pat_hf.curves import TRAINING_CURVES_FILE, write_training_curves
 
 PROJECT_URL = "https://github.com/pat-hf/pat-hf"
@@ -231,22 +232,23 @@ def export_student(student: nn.Module, directory: str | Path, *, model_kwargs: d
     """Write the student alone in timm's Hub format, its model card and its training curves (from the run's
     summary.csv); the folder appears complete or not at all."""
     directory = Path(directory)
-    staging = directory.with_name(directory.name + ".partial")
+    staging = partial_path(directory)
     shutil.rmtree(staging, ignore_errors=True)
     model_config = {"label_names": class_names} if class_names else None
     # transformers' TimmWrapper passes num_classes itself: a second copy in model_args makes it fail.
     model_args = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
-    save_for_hf(student, staging, model_config=model_config, model_args=model_args, safe_serialization=True,
-                data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")})
-    config_path = staging / "config.json"
-    config_path.write_text(json.dumps(_clean_config(json.loads(config_path.read_text()), pretrained), indent=2))
-    model_name = directory.resolve().parent.name
-    curves = summary_csv and write_training_curves(summary_csv, staging / TRAINING_CURVES_FILE,
-                                                   title=f"{model_name}: {card.distiller}")
-    model_card(card, model_name, str(directory.resolve()), local=True, with_curves=bool(curves)).save(
-        staging / "README.md")
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
+    with cleaned_up_on_failure(staging):  # a full disk leaves no half-written export behind
+        save_for_hf(student, staging, model_config=model_config, model_args=model_args, safe_serialization=True,
+                    data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
+                                                             "crop_pct")})
+        config_path = staging / "config.json"
+        config_path.write_text(json.dumps(_clean_config(json.loads(config_path.read_text()), pretrained), indent=2))
+        model_name = directory.resolve().parent.name
+        curves = summary_csv and write_training_curves(summary_csv, staging / TRAINING_CURVES_FILE,
+                                                       title=f"{model_name}: {card.distiller}")
+        model_card(card, model_name, str(directory.resolve()), local=True, with_curves=bool(curves)).save(
+            staging / "README.md")
+        publish_folder(staging, directory)
     return directory
 
 

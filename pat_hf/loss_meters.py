@@ -6,6 +6,7 @@ file)."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import time
@@ -14,17 +15,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from pat_hf.atomic import write_text_atomically
+
 SUMMARY_FILE = "summary.csv"
 # Evaluation metrics that go into summary.csv: loss, top-1 and top-5 of the raw and of every EMA student.
 _SUMMARY_EVAL_KEY = re.compile(r"^eval_(ema\d*_)?(loss|top1|top5)$|^eval_max_top1$")
 
 
 class LossSums:
-    """Running sums of `loss*` outputs over training steps."""
+    """Running sums of `loss*` outputs over training steps, on the device."""
 
-    def __init__(self, with_total: bool):
-        # The Trainer logs the total loss of a logging window itself; an epoch's mean needs it here.
-        self.with_total = with_total
+    def __init__(self):
         self.reset()
 
     def reset(self) -> None:
@@ -34,7 +35,7 @@ class LossSums:
 
     def add(self, outputs: dict[str, torch.Tensor], skipped_images: torch.Tensor | None = None) -> None:
         for key, value in outputs.items():
-            if key.startswith("loss") and (self.with_total or key != "loss"):
+            if key.startswith("loss"):
                 value = value.detach().float()
                 total = self.sums.get(key)
                 self.sums[key] = value if total is None else total + value
@@ -56,12 +57,14 @@ class LossSums:
 
 
 class TrainingMeters:
-    """The loss components of the current logging window and epoch, and the window's throughput."""
+    """The loss and its components over the current logging window and epoch, and the window's throughput.
+    The window's `loss` replaces the Trainer's, which transformers computes apart (and would show a NaN step
+    as the mean of the steps before it)."""
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
-        self.window = LossSums(with_total=False)
-        self.epoch = LossSums(with_total=True)
+        self.window = LossSums()
+        self.epoch = LossSums()
         self._images = 0
         self._window_start = time.perf_counter()
 
@@ -107,9 +110,8 @@ def write_summary_row(output_dir: str, epoch: float, lr: float | None, train_mea
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or []) + [k for k in row if k not in (reader.fieldnames or [])]
             rows = [r for r in reader if float(r["epoch"]) < epoch]
-    partial = path + ".partial"
-    with open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
-        writer.writerows([*rows, row])
-    os.replace(partial, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=header, restval="")
+    writer.writeheader()
+    writer.writerows([*rows, row])
+    write_text_atomically(path, text.getvalue())

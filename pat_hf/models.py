@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,10 +117,21 @@ def create_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None =
     `img_size`: build the model for that input size (int or (height, width)) and check that it runs there."""
     kwargs = dict(kwargs or {})
     if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for the available names")
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the available names"
+        raise ValueError(f"unknown timm model {name!r}; {hint}")
     if img_size is None:
         return _build(name, num_classes, kwargs, pretrained)
     return _build_for_size(name, num_classes, kwargs, pretrained, img_size)
+
+
+def _unreadable(path: str, error: Exception) -> ValueError:
+    lines = str(error).strip().splitlines()
+    # torch's weights-only message opens with advice to load unsafely; its cause is on a later line.
+    cause = next((line.split("error:", 1)[1] for line in lines if "WeightsUnpickler error:" in line), None)
+    reason = (cause or (lines[0] if lines else type(error).__name__)).strip().split(". ")[0]
+    return ValueError(f"{path} is not a readable checkpoint (truncated, or not a PyTorch or safetensors file: "
+                      f"{reason}); download or save it again")
 
 
 def _torch_load(path: str) -> Any:
@@ -126,21 +139,38 @@ def _torch_load(path: str) -> Any:
         with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} holds objects other than weights, refused by safe loading; re-save its "
-                         f"state_dict alone (e.g. as .safetensors): {str(error).splitlines()[0]}") from None
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused is None:
+            raise _unreadable(path, error) from None
+        raise ValueError(f"{path} holds a pickled object outside the allow-list ({refused.group(1)}), refused by "
+                         f"safe loading and never run; re-save its state_dict alone (e.g. as .safetensors)") from None
+    except Exception as error:  # a truncated or foreign file fails in many ways (zip, pickle, EOF, ...)
+        raise _unreadable(path, error) from None
+
+
+def _safetensors_load(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as error:  # SafetensorError: a truncated or foreign file
+        raise _unreadable(path, error) from None
+
+
+def require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
 
 
 def read_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The model weights in a .safetensors file or a timm/OFA-KD/PAT checkpoint (.pth, .pth.tar, .bin)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = load_file(path) if path.endswith(".safetensors") else _torch_load(path)
+    require_file(path, "checkpoint")
+    checkpoint = _safetensors_load(path) if path.endswith(".safetensors") else _torch_load(path)
     if isinstance(checkpoint, dict):
         for key in (EMA_STATE_DICT_KEYS if use_ema else ()) + STATE_DICT_KEYS:
             if isinstance(checkpoint.get(key), Mapping):
                 checkpoint = checkpoint[key]
                 break
-    state = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    state = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(checkpoint, Mapping) else {}
     if not state:
         raise ValueError(f"no weights found in {path}")
     return state
@@ -153,51 +183,71 @@ def remap_legacy_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     return filter_fn(state, model) if filter_fn else state
 
 
-def _check_classifier(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+def _check_classifier(model: nn.Module, state: dict[str, torch.Tensor], path: str,
+                      dataset_classes: int | None = None) -> None:
+    """A classifier of another width; the hint is a --num-classes the run accepts (at least the data's)."""
     classifier = model.get_classifier()
     weight = getattr(classifier, "weight", None)
     if weight is None:
         return
     prefix = next((name for name, module in model.named_modules() if module is classifier), "")
     stored = state.get(f"{prefix}.weight")
-    if stored is not None and stored.shape[0] != weight.shape[0]:
-        raise ValueError(f"{path} has a {stored.shape[0]}-class classifier but the model has {weight.shape[0]} "
-                         f"classes; pass --num-classes {stored.shape[0]} or a matching checkpoint")
+    if stored is None or stored.shape[0] == weight.shape[0]:
+        return
+    if dataset_classes is not None and stored.shape[0] < dataset_classes:
+        raise ValueError(f"{path} has a {stored.shape[0]}-class classifier but the data has {dataset_classes} "
+                         f"classes; distil from a teacher trained on these {dataset_classes} classes")
+    raise ValueError(f"{path} has a {stored.shape[0]}-class classifier but the model has {weight.shape[0]} "
+                     f"classes; pass --num-classes {stored.shape[0]} or a matching checkpoint")
 
 
-def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """One line on what differs between a checkpoint and the model: counts and a few examples."""
     expected = model.state_dict()
-    for key, value in state.items():
-        if key in expected and expected[key].shape != value.shape:
-            raise ValueError(f"{path} does not fit {type(model).__name__}: {key} is {tuple(value.shape)} there and "
-                             f"{tuple(expected[key].shape)} in the model (weights for another input size or "
-                             f"variant? build the model as the checkpoint was, e.g. with its --img-size)")
+    reshaped = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if not (reshaped or missing or unexpected):
+        return
+    parts = []
+    if reshaped:
+        examples = "; ".join(f"{k} is {tuple(state[k].shape)} there and {tuple(expected[k].shape)} in the model"
+                             for k in reshaped[:2])
+        parts.append(f"{len(reshaped)} tensors of another shape (e.g. {examples})")
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    raise ValueError(f"{path} does not fit {name}: {', '.join(parts)}; weights of another model, or of this one "
+                     f"for another input size or variant? build the model as the checkpoint was (its --img-size, "
+                     f"--model-kwargs / --teacher-kwargs)")
 
 
-def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> nn.Module:
+def load_weights(model: nn.Module, path: str, use_ema: bool = False, dataset_classes: int | None = None) -> nn.Module:
+    """Load a checkpoint into `model`; anything that does not fit is one line naming the file."""
     state = remap_legacy_keys(model, read_state_dict(path, use_ema))
-    _check_classifier(model, state, path)
-    _check_shapes(model, state, path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: {len(missing)} missing keys "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    _check_classifier(model, state, path, dataset_classes)
+    _check_fit(model, state, path)
+    model.load_state_dict(state)
     return model
 
 
 def create_teacher(name: str, checkpoint: str, num_classes: int, kwargs: Mapping[str, Any] | None = None,
-                   use_ema: bool = False, img_size: ImageSize | None = None) -> nn.Module:
+                   use_ema: bool = False, img_size: ImageSize | None = None,
+                   dataset_classes: int | None = None) -> nn.Module:
     """A frozen teacher in eval mode: from a local checkpoint, or from `hf-hub:` / `local-dir:` weights.
 
     With `img_size`, weights saved for another size are adapted where the family's timm checkpoint filter can
-    (ViT position embeddings are resampled, Swin's relative position tables resized)."""
+    (ViT position embeddings are resampled, Swin's relative position tables resized). `dataset_classes`: the
+    data's, so that a class-count hint never suggests a --num-classes below it."""
     if checkpoint.startswith(("hf-hub:", "local-dir:")):
         teacher = create_model(checkpoint, num_classes, kwargs, pretrained=True, img_size=img_size)
     else:
         if not checkpoint:
             raise ValueError(f"--teacher {name} needs --teacher-pretrained FILE (or --teacher '' for no teacher)")
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"teacher checkpoint not found: {checkpoint}")
-        teacher = load_weights(create_model(name, num_classes, kwargs, img_size=img_size), checkpoint, use_ema)
+        require_file(checkpoint, "teacher checkpoint")
+        teacher = load_weights(create_model(name, num_classes, kwargs, img_size=img_size), checkpoint, use_ema,
+                               dataset_classes)
     teacher.requires_grad_(False)
     return teacher.eval()

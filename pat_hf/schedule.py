@@ -82,5 +82,7 @@ class TimmLRSchedule:
         return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state)
+        """A timm schedule is a function of the epoch (or update) alone, and its saved state is nothing but
+        its settings: a resumed run keeps the schedule built from its own arguments, so that a longer --epochs
+        continues exactly as a fresh run of that length (the saved t_initial would keep the old length)."""
         self._apply(self.updates_done(), force=True)

@@ -10,14 +10,17 @@
 Every input is checked before anything is written (with --push-to-hub, the Hub repository is created and the
 token's write access checked before training); at the end OUTPUT_DIR/student holds the student alone in timm's
 Hub format with its model card and training curves, and train_results.json / eval_results.json / all_results.json
-the final metrics.
+the final metrics. `pat-hf-train` reports an error as one line on stderr (--debug: the traceback) and exits with
+status 1; README.md, "Failure handling", says what each fault leaves behind.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import traceback
 from typing import Any
 
 import datasets
@@ -27,8 +30,9 @@ import yaml
 from transformers import TrainerCallback, set_seed
 
 from pat_hf.arguments import DataArguments, RunArguments, parse_arguments
+from pat_hf.atomic import remove_stale_partials, write_text_atomically
 from pat_hf.callbacks import MixupOffCallback, ModelEmaCallback
-from pat_hf.checkpoints import check_resumable, checkpoint_folders, latest_complete_checkpoint
+from pat_hf.checkpoints import check_resumable, file_sha256, latest_complete_checkpoint, trained_epochs
 from pat_hf.data import (
     DatasetSource,
     MixupCollator,
@@ -51,8 +55,14 @@ from pat_hf.hub import HubPushError, ModelCardInfo, export_student, prepare_repo
 from pat_hf.loss_meters import SUMMARY_FILE
 from pat_hf.memory_format import MemoryFormat
 from pat_hf.metrics import TopkMetrics, top_k_indices
-from pat_hf.models import create_model, create_teacher, exported_model_kwargs, load_weights
+from pat_hf.models import create_model, create_teacher, exported_model_kwargs, load_weights, require_file
+from pat_hf.nonfinite import NonFiniteError, check_finite_state
+from pat_hf.output_dir import check_output_dir, clear_run
+from pat_hf.schedule import training_epochs
 from pat_hf.trainer import DistillationTrainer
+
+logger = logging.getLogger("pat_hf")
+PROG = "pat-hf-train"
 
 # timm optimizers that take --momentum.
 MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "lars")
@@ -65,22 +75,62 @@ def setup_logging(args: RunArguments) -> None:
         library.utils.logging.set_verbosity(level)
 
 
-def find_resume_checkpoint(args: RunArguments) -> str | None:
+def teacher_weights_id(args: RunArguments) -> str | None:
+    """The teacher's weights by content (the sha256 of the file) for the checkpoints' identity; a Hub name as
+    given. A missing file is an error here, before any data is read."""
+    path = args.model.teacher_pretrained
+    if not args.model.teacher or not path or path.startswith(("hf-hub:", "local-dir:")):
+        return path or None
+    require_file(path, "teacher checkpoint")
+    return file_sha256(path)
+
+
+def check_epochs_left(args: RunArguments, checkpoint: str) -> None:
+    """A resumed run may train longer than the checkpoint's run planned, not stop before where it got to."""
+    trained = trained_epochs(checkpoint)
+    planned = training_epochs(args.recipe, args.training.num_train_epochs)
+    if args.training.max_steps <= 0 and trained > planned + 1e-9:
+        cooldown = planned - args.training.num_train_epochs
+        raise ValueError(f"{checkpoint} has already trained {trained:g} epochs, more than --epochs "
+                         f"{args.training.num_train_epochs:g} plans; pass --epochs {math.ceil(trained - cooldown)} "
+                         f"or more")
+
+
+def find_resume_checkpoint(args: RunArguments, identity: dict) -> str | None:
     """--resume: the newest complete checkpoint in --output_dir (or --resume_from_checkpoint PATH), which must
-    come from a run of the same models and distiller. Without it, refuse to write over an earlier run."""
+    come from a run of the same models, distiller and settings, and leave epochs to train."""
     output_dir = args.training.output_dir
     checkpoint = args.training.resume_from_checkpoint
     if not checkpoint and args.recipe.resume:
         checkpoint = latest_complete_checkpoint(output_dir)
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {output_dir}")
-    if checkpoint:
-        check_resumable(checkpoint, args.run_identity())
-        return str(checkpoint)
-    if checkpoint_folders(output_dir):
-        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume to continue that run "
-                              f"or choose another --output_dir")
-    return None
+            raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {output_dir} (a run saved "
+                                    f"without checkpoints, or stopped before its first); start it again with "
+                                    f"--overwrite_output_dir")
+    if not checkpoint:
+        return None
+    ignored = check_resumable(checkpoint, identity, args.recipe.resume_ignore_changes)
+    if ignored:
+        logger.warning("--resume-ignore-changes: continuing %s with this run's settings (%s)", checkpoint,
+                       "; ".join(ignored))
+    check_epochs_left(args, str(checkpoint))
+    return str(checkpoint)
+
+
+def start_output_dir(args: RunArguments) -> None:
+    """Once every input is checked: clear the old run (--overwrite_output_dir) or what a kill left half-written,
+    and write args.yaml (without the Hub token: TrainingArguments masks it)."""
+    training = args.training
+    with training.main_process_first(desc="preparing the output folder"):
+        if training.process_index == 0:
+            if training.overwrite_output_dir:
+                removed = clear_run(training.output_dir)
+                if removed:
+                    logger.info("--overwrite_output_dir: removed %s", ", ".join(p.name for p in removed))
+            remove_stale_partials(training.output_dir)  # writes that a kill interrupted
+            os.makedirs(training.output_dir, exist_ok=True)
+            write_text_atomically(os.path.join(training.output_dir, "args.yaml"),
+                                  yaml.safe_dump(args.as_dict(), sort_keys=False))
 
 
 def prepare_push(args: RunArguments) -> str | None:
@@ -139,7 +189,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     set_seed(args.training.seed)
     if args.data.aug_repeats and args.training.world_size < 2:
         raise ValueError("--aug-repeats needs a distributed run (as in the reference): launch several processes")
-    resume_from = find_resume_checkpoint(args)
+    check_output_dir(args.training.output_dir, resume=args.recipe.resume or bool(args.training.resume_from_checkpoint),
+                     overwrite=args.training.overwrite_output_dir)
+    identity = args.run_identity(teacher_weights_id(args))
+    resume_from = find_resume_checkpoint(args, identity)
     hub_repo = prepare_push(args)
 
     distiller_cls = get_distiller_class(args.distill.distiller)
@@ -166,7 +219,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     if args.model.teacher:
         teacher = create_teacher(args.model.teacher, args.model.teacher_pretrained, num_classes,
                                  args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher,
-                                 img_size=(input_height, input_width))
+                                 img_size=(input_height, input_width), dataset_classes=num_classes)
     batch_size = args.training.per_device_train_batch_size
     mixup = build_mixup(args.data, num_classes, batch_size)
     train_labels = train_labels_of(train_set) if distiller_cls.needs_train_labels else None
@@ -195,11 +248,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         data_collator=collate, compute_metrics=TopkMetrics(), preprocess_logits_for_metrics=top_k_indices,
         callbacks=callbacks, recipe=args.recipe,
         train_data_collator=MixupCollator(mixup) if mixup else collate_training,
-        run_identity=args.run_identity(),
-        aug_repeats=args.data.aug_repeats)
-    if trainer.is_world_process_zero():
-        with open(os.path.join(args.training.output_dir, "args.yaml"), "w") as f:
-            yaml.safe_dump(args.as_dict(), f, sort_keys=False)
+        run_identity=identity, aug_repeats=args.data.aug_repeats)
+    start_output_dir(args)
 
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_state()
@@ -218,12 +268,18 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             exported_ema=args.recipe.export_ema, distiller_settings=distiller_settings(args, distiller_cls),
             recipe=recipe_settings(args), metrics=metrics)
         exported = memory_format.for_export(ema.named_models()[0][1] if args.recipe.export_ema else distiller.student)
-        student_dir = export_student(
-            exported, os.path.join(args.training.output_dir, "student"),
-            model_kwargs=exported_model_kwargs(student, args.model.model_kwargs, args.model.img_size),
-            data_config=data_config,
-            class_names=class_names_of(train_set), card=card, pretrained=args.model.pretrained,
-            summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
+        check_finite_state(exported.state_dict(), "the student")
+        student_dir = os.path.join(args.training.output_dir, "student")
+        try:
+            export_student(exported, student_dir,
+                           model_kwargs=exported_model_kwargs(student, args.model.model_kwargs, args.model.img_size),
+                           data_config=data_config, class_names=class_names_of(train_set), card=card,
+                           pretrained=args.model.pretrained,
+                           summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
+        except OSError as error:
+            raise OSError(f"could not write the student to {student_dir}: {error.strerror or error}; nothing of it "
+                          f"was kept and the checkpoints are intact: free space (or restore write access) and "
+                          f"export it with --resume") from error
         print(f"pat-hf: exported the student to {student_dir}", flush=True)
         if hub_repo:
             url = push_student(student_dir, hub_repo, token=args.training.hub_token,
@@ -243,12 +299,61 @@ def shutdown() -> None:
         os._exit(0)
 
 
-def cli() -> None:
-    """The `pat-hf-train` console script; a refused --push-to-hub is one line on stderr, before any training."""
+def error_line(error: BaseException) -> str:
+    """An error as the one line pat-hf-train prints: our own errors say what is wrong and what to do; another
+    kind is named, with the way to its traceback."""
+    message = " ".join(str(error).split()) or repr(error)
+    if isinstance(error, ValueError | OSError | NonFiniteError | HubPushError):
+        return message[:2000]
+    return f"{type(error).__name__}: {message[:2000]} (--debug shows the traceback)"
+
+
+def _distributed_rank() -> int | None:
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if initialized and torch.distributed.get_world_size() > 1 else None
+
+
+def distributed_error_line(error: BaseException, rank: int) -> str:
+    """One process's error in a distributed run, named by its rank; a collective that timed out is the
+    symptom of another process that failed or hung, whose own error (if any) is on its own line."""
+    if isinstance(error, RuntimeError) and any(word in str(error).lower() for word in ("timed out", "timeout")):
+        return (f"process {rank}: no answer from the other processes within --ddp_timeout (one of them failed or "
+                f"hung): {error_line(error)}")
+    return f"process {rank}: {error_line(error)}"
+
+
+def _wants_traceback(argv: list[str]) -> bool:
+    return any(arg == "--debug" or arg.split("=", 1) in (["--debug", v] for v in ("true", "True", "1", "yes"))
+               for arg in argv)
+
+
+def _exit(status: int, message: str | None = None) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tearing down with the process group alive can hang or abort; the other processes see this one leave.
+        if message:
+            print(message, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    raise SystemExit(message or status)  # a message: printed on stderr, status 1
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The `pat-hf-train` console script: an error is one line on stderr and exit status 1 (argument errors:
+    status 2); --debug on the command line prints the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        main()
-    except HubPushError as error:
-        raise SystemExit(f"pat-hf-train: {error}") from None
+        main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume from the last complete checkpoint", file=sys.stderr)
+        _exit(130)
+    except Exception as error:  # every failure ends in one line, not a traceback
+        if _wants_traceback(argv):
+            traceback.print_exc()
+            _exit(1)
+        rank = _distributed_rank()
+        _exit(1, f"{PROG}: {error_line(error) if rank is None else distributed_error_line(error, rank)}")
     shutdown()
 
 

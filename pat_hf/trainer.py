@@ -2,14 +2,16 @@
 
 It adds what the reference's train.py does and the Trainer does not: timm's optimizer and learning-rate
 schedule (stepped per epoch), evaluation of the EMA students next to the raw one with the best metric taken
-over both, the loss components in the logs and `summary.csv` (pat_hf/loss_meters.py), checkpoints that carry
-the distiller's per-process state and the callbacks' state and are marked complete only once all of it is
-written, and exact mid-epoch resumes (pat_hf/exact_resume.py).
+over both, the loss and its components in the logs and `summary.csv` (pat_hf/loss_meters.py), a stop at the
+first non-finite loss (pat_hf/nonfinite.py), checkpoints that carry the distiller's per-process state and the
+callbacks' state and appear under their name only once all of it is written and flushed to the disk
+(pat_hf/checkpoints.py), and exact mid-epoch resumes (pat_hf/exact_resume.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -20,18 +22,44 @@ import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, seed_worker
 
 from pat_hf import checkpoints
 from pat_hf.arguments import RecipeArguments
+from pat_hf.atomic import remove_stale_partials
 from pat_hf.callbacks import CheckpointStateCallback, ModelEmaCallback
 from pat_hf.data import SKIPPED_IMAGES, StreamedTrainingSet
 from pat_hf.distillers import Distiller
 from pat_hf.exact_resume import ExactResumeTrainer
 from pat_hf.loss_meters import TrainingMeters, write_summary_row
 from pat_hf.memory_format import MemoryFormat
+from pat_hf.nonfinite import (
+    NonFiniteError,
+    NonFiniteLossGuard,
+    SkippableOptimizerStep,
+    check_finite_state,
+    describe_losses,
+    loss_components,
+)
 from pat_hf.samplers import EpochRandomSampler, EpochSampler, InterleavedRepeatAugSampler
 from pat_hf.schedule import TimmLRSchedule, create_timm_optimizer, create_timm_scheduler, training_epochs
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost permissions); the earlier ones are intact."""
+
+
+@contextlib.contextmanager
+def _instead_of_method(obj, name: str, function: Callable):
+    """`obj.name` is `function` within the block (an instance attribute over the class's method)."""
+    setattr(obj, name, function)
+    try:
+        yield
+    finally:
+        delattr(obj, name)
 
 
 @contextlib.contextmanager
@@ -60,6 +88,9 @@ class DistillationTrainer(ExactResumeTrainer):
         self.run_identity = dict(run_identity or {})
         self.aug_repeats = aug_repeats
         self.meters = TrainingMeters(self.accelerator)
+        self.nonfinite = NonFiniteLossGuard()
+        self._skippable_step: SkippableOptimizerStep | None = None
+        self._skipped_steps = 0
         self._epoch_eval: dict[str, float] = {}
         self._train_lr: float | None = None
         self._updates_per_epoch = 1
@@ -88,6 +119,8 @@ class DistillationTrainer(ExactResumeTrainer):
         if self.optimizer is None:
             self.optimizer = create_timm_optimizer(self.distiller, self.recipe, self.args.learning_rate,
                                                    self.args.weight_decay)
+            if self.recipe.skip_nonfinite_steps:
+                self._skippable_step = SkippableOptimizerStep(self.optimizer)
         return self.optimizer
 
     def set_initial_training_values(self, args, dataloader):
@@ -156,13 +189,49 @@ class DistillationTrainer(ExactResumeTrainer):
         if model.training:
             # The rate this step's optimizer update uses (summary.csv reports it per epoch).
             self._train_lr = self.optimizer.param_groups[0]["lr"]
-            self.meters.add(outputs, inputs["pixel_values"].shape[0], skipped_images)
+            step = self.state.global_step + 1
+            if not self._skipped_for_nonfinite_loss(step, outputs):
+                self.meters.add(outputs, inputs["pixel_values"].shape[0], skipped_images)
+                self.nonfinite.observe(step, outputs)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def _nonfinite_hint(self) -> str:
+        return (f"Lower --lr (now {self.args.learning_rate:g}), or let up to N such steps pass without an update "
+                f"with --skip-nonfinite-steps N (fp16 overflow)")
+
+    def _skipped_for_nonfinite_loss(self, step: int, outputs: dict[str, torch.Tensor]) -> bool:
+        """--skip-nonfinite-steps N: whether this step's loss is not finite on some process, in which case its
+        optimizer update is skipped; the (N+1)-th such step stops the run. Reads the loss every step."""
+        if self._skippable_step is None:
+            return False
+        components = loss_components(outputs)
+        values = torch.stack([v.detach().float().reshape(()) for v in components.values()])
+        bad = self.accelerator.reduce((~torch.isfinite(values)).any().float(), reduction="sum")
+        if not bad.item():
+            return False
+        self._skipped_steps += 1
+        limit = self.recipe.skip_nonfinite_steps
+        losses = describe_losses(dict(zip(components, values.tolist())))
+        if self._skipped_steps > limit:
+            raise NonFiniteError(f"the training loss is not finite at step {step}: {losses}; that is more than "
+                                 f"--skip-nonfinite-steps {limit} such steps, so the run stopped and saved nothing "
+                                 f"from that step on. Lower --lr (now {self.args.learning_rate:g})")
+        self._skippable_step.skip_next = True
+        logger.warning("step %d: %s; its update is skipped (%d of --skip-nonfinite-steps %d)", step, losses,
+                       self._skipped_steps, limit)
+        return True
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
+            self.nonfinite.raise_if_bad(self.accelerator, self._nonfinite_hint())
             logs.update(self.meters.window_logs(self.args.device))
         super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        # A bad step after the last logging step and checkpoint: stop before the student is exported.
+        self.nonfinite.raise_if_bad(self.accelerator, self._nonfinite_hint())
+        return result
 
     def _run_epoch(self, model, epoch, *args, **kwargs):
         self.meters.reset_epoch()
@@ -180,6 +249,7 @@ class DistillationTrainer(ExactResumeTrainer):
         super()._run_epoch(model, epoch, *args, **kwargs)
         if isinstance(self._train_sampler, StreamedTrainingSet):
             self._train_sampler.resume_batches = 0
+        self.nonfinite.raise_if_bad(self.accelerator, self._nonfinite_hint())
         train_means = self.meters.epoch_summary(self.args.device)
         if self.args.should_save:
             write_summary_row(self.args.output_dir, float(self.state.epoch or 0), self._train_lr, train_means,
@@ -217,27 +287,58 @@ class DistillationTrainer(ExactResumeTrainer):
     # ---- checkpoints ----
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint plus the distiller's per-process state and the callbacks' state, marked
-        complete once every process has written everything; only then are older checkpoints rotated out."""
+        """The Trainer's checkpoint plus the distiller's per-process state and the callbacks' state, written
+        under `checkpoint-N.partial/` and published as `checkpoint-N` (complete, flushed to the disk) once every
+        process has written everything; only then are older checkpoints rotated out. Refused for a model that
+        is not finite; a failed write (full disk) removes what it wrote and leaves the earlier checkpoints."""
+        step = self.state.global_step
+        self.nonfinite.raise_if_bad(self.accelerator, self._nonfinite_hint())
+        check_finite_state(self.distiller.state_dict(), f"the model at step {step}")
         run_dir = self._get_output_dir(trial)
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(folder):
-            # Left by a run that was interrupted after this step and resumed from an earlier checkpoint.
-            shutil.rmtree(folder)
-        self.accelerator.wait_for_everyone()
-        with _temporarily(self.args, "save_total_limit", None):
-            super()._save_checkpoint(model, trial)
-        checkpoints.save_process_state(folder, self.args.process_index, self.distiller.process_state_dict())
-        self.save_fetch_rng(folder)
-        for callback in self._checkpoint_callbacks():
-            callback.save_to_checkpoint(folder, self.args.should_save)
-        self.accelerator.wait_for_everyone()
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        staging = checkpoints.staging_root(run_dir, step)
+        folder = str(staging / os.path.basename(final))
         if self.args.should_save:
-            checkpoints.mark_complete(folder, {**self.run_identity, "global_step": self.state.global_step})
+            remove_stale_partials(run_dir)
+            if os.path.isdir(final):
+                # Left by a run that was interrupted after this step and resumed from an earlier checkpoint.
+                shutil.rmtree(final)
+        self.accelerator.wait_for_everyone()
+        try:
+            with _temporarily(self.args, "save_total_limit", None), \
+                    _instead_of_method(self, "_get_output_dir", lambda trial=None: str(staging)):
+                super()._save_checkpoint(model, trial)
+            checkpoints.save_process_state(folder, self.args.process_index, self.distiller.process_state_dict())
+            self.save_fetch_rng(folder)
+            for callback in self._checkpoint_callbacks():
+                callback.save_to_checkpoint(folder, self.args.should_save)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                self._record_best_checkpoint(run_dir, folder)
+                checkpoints.publish_checkpoint(folder, {**self.run_identity, "global_step": step})
+        except OSError as error:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointWriteError(
+                f"could not write {final}: {error.strerror or error}; nothing of it was kept and the earlier "
+                f"checkpoints are intact: free space (or restore write access) and continue with --resume") from error
+        if self.args.should_save:
             checkpoints.rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
 
+    def _record_best_checkpoint(self, run_dir: str, folder: str) -> None:
+        """The Trainer looked for the best checkpoint beside the staged one; point it at the published name."""
+        best_step = self.state.best_global_step
+        if not best_step:
+            return
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+        if best_step == self.state.global_step or os.path.isdir(best):
+            self.state.best_model_checkpoint = best
+            self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        super()._save(output_dir, self.memory_format.saveable_state(self.distiller, state_dict))
+        # The Trainer pickles its arguments into training_args.bin: without the Hub token.
+        with _temporarily(self.args, "hub_token", None):
+            super()._save(output_dir, self.memory_format.saveable_state(self.distiller, state_dict))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -1,6 +1,7 @@
 """Small pieces shared by the end-to-end tests: a tiny teacher checkpoint and the flags of a tiny run."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +33,21 @@ def tiny_run(output_dir: Path, teacher: str | None, *extra: str, samples: int = 
             "--disable_tqdm", "true", "--workers", "0", *extra]
 
 
-def run_two_processes(flags: list[str]) -> subprocess.CompletedProcess:
-    """tests/ddp_worker.py under a real two-process CPU (gloo) DDP launch, accelerate_configs/cpu.yaml."""
+def run_two_processes(flags: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """tests/ddp_worker.py under a real two-process CPU (gloo) DDP launch, accelerate_configs/cpu.yaml; on a
+    timeout the launcher and its workers are killed together."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "tests" / "ddp_worker.py"), *flags]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 class FakeHfApi:

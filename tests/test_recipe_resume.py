@@ -14,6 +14,7 @@ import timm
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from pat_hf.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, mark_complete, rotate_checkpoints
 
@@ -179,3 +180,30 @@ def test_resume_at_an_epoch_end_that_was_followed_by_evaluation(tmp_path):
         assert_same_tensors(tmp_path / "straight" / "checkpoint-8" / name, tmp_path / "resumed" / "checkpoint-8" / name)
     with open(tmp_path / "resumed" / "summary.csv") as f:
         assert [line.split(",")[0] for line in f.read().splitlines()] == ["epoch", "2.0"]
+
+
+class RecordRates(TrainerCallback):
+    def __init__(self):
+        self.rates: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+def test_resuming_with_more_epochs_follows_a_fresh_run_of_that_length(tmp_path):
+    """timm's scheduler state in the checkpoint holds the old length (t_initial): restoring it would run the
+    added epochs at min_lr. The resumed run takes the rates a fresh 4-epoch run takes."""
+    from pat_hf import train as pat_train
+
+    def argv(output_dir: Path, epochs: int) -> list[str]:
+        return [*resume_argv(output_dir), "--img-size", "32", "--batch-size", "8", "--max_train_samples", "32",
+                "--max_eval_samples", "16", "--num-classes", "10", "--epochs", str(epochs), "--warmup-epochs", "1",
+                "--lr", "0.05", "--min-lr", "1e-3", "--eval_strategy", "no", "--save_strategy", "epoch",
+                "--disable_tqdm", "true"]
+
+    fresh, resumed = RecordRates(), RecordRates()
+    pat_train.main(argv(tmp_path / "fresh", 4), callbacks=[fresh])
+    pat_train.main(argv(tmp_path / "resumed", 2))
+    pat_train.main([*argv(tmp_path / "resumed", 4), "--resume"], callbacks=[resumed])
+    assert len(fresh.rates) == 16 and resumed.rates == fresh.rates[8:]
+    assert min(resumed.rates) > 2e-3, "the added epochs ran at min_lr"

@@ -1,0 +1,93 @@
+"""Writes that a kill or a full disk can interrupt without leaving a half-written file or folder behind.
+
+Everything is written under a temporary `*.partial` name, flushed to the disk (fsync), and only then renamed to
+its final name, which the file system does atomically: a reader sees the old version or the new one, never a
+mix. A failed write removes its `*.partial` again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created, renamed or deleted in it) to the disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file below `folder`, and the folders themselves, to the disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_folder(root)
+
+
+def publish_folder(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Flush a fully written `staging` folder and rename it to `final`. A `final` already there is moved
+    aside first and deleted once the new one is in place (a kill in between leaves both as `*.partial`)."""
+    fsync_tree(staging)
+    final = Path(final)
+    replaced = partial_path(final.with_name(final.name + ".replaced"))
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    fsync_folder(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cleaned_up_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """Remove `path` (a file or folder being written) if the block fails, then let the error through."""
+    try:
+        yield
+    except BaseException:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+        raise
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` in one step: a reader sees the old content or the new one."""
+    partial = partial_path(path)
+    with cleaned_up_on_failure(partial):
+        with open(partial, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    fsync_folder(Path(path).parent)
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the `*.partial` leftovers of writes that a kill interrupted."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for path in Path(folder).iterdir():
+        if path.name.endswith(PARTIAL_SUFFIX):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
