@@ -262,7 +262,7 @@ def _start_cpu_process_group(timeout_seconds: int) -> None:
 
 
 # Settings that a resumed run may change: they do not change what the student learns.
-_DATA_NOT_IN_IDENTITY = {"validation_batch_size"}
+_DATA_NOT_IN_IDENTITY = {"validation_batch_size", "strict_images"}  # how faults are met, not what is trained
 _RECIPE_NOT_IN_IDENTITY = {"resume", "resume_ignore_changes", "skip_nonfinite_steps", "model_ema", "model_ema_decay",
                            "export_ema", "channels_last"}
 
