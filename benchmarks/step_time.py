@@ -51,6 +51,7 @@ from torch import nn  # noqa: E402
 from benchmarks.reporting import describe_machine, write_report  # noqa: E402
 from pat_hf.arguments import RecipeArguments  # noqa: E402
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class  # noqa: E402
+from pat_hf.host_memory import keep_freed_host_memory  # noqa: E402
 from pat_hf.models import create_model  # noqa: E402
 from pat_hf.schedule import create_timm_optimizer  # noqa: E402
 
@@ -507,6 +508,7 @@ def selected_pairs(args: argparse.Namespace) -> list[Pair]:
 def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print the Markdown report and return it."""
     args = parse_args(argv)
+    keep_freed_host_memory()  # as pat_hf.train does
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = settings_from(args)

@@ -51,6 +51,7 @@ from pat_hf.data import (
     training_set,
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
+from pat_hf.host_memory import keep_freed_host_memory
 from pat_hf.hub import HubPushError, ModelCardInfo, export_student, prepare_repo, push_student
 from pat_hf.loss_meters import SUMMARY_FILE
 from pat_hf.memory_format import MemoryFormat
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     """Train, evaluate and export; `callbacks` are extra TrainerCallbacks. Returns the final eval metrics."""
     args = parse_arguments(argv)
     setup_logging(args)
+    keep_freed_host_memory()
     set_seed(args.training.seed)
     if args.data.aug_repeats and args.training.world_size < 2:
         raise ValueError("--aug-repeats needs a distributed run (as in the reference): launch several processes")

