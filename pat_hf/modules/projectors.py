@@ -52,8 +52,8 @@ def _nearest_repeats(in_size: tuple[int, int], out_size: tuple[int, int], dtype:
 def _batch_norm_of_resized(bn: nn.BatchNorm2d, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     """bn(resize(x)) before the resize: in training, the batch statistics weigh each pixel of x by how often the
     nearest resize copies it, and the running variance is unbiased over the resized count, as bn would see it."""
-    if not (bn.training or not bn.track_running_stats):
-        return bn(x)
+    if not bn.training and bn.running_mean is not None:
+        return bn(x)  # running statistics: a per-channel affine map, which commutes with the resize
     # Statistics in at least fp32, as batch_norm keeps them under autocast.
     with torch.autocast(x.device.type, enabled=False):
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
