@@ -9,11 +9,14 @@ and up to N bad steps are passed over without an optimizer update (`SkippableOpt
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 
 import torch
 from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -69,6 +72,34 @@ class NonFiniteLossGuard:
             step, values = found
             raise NonFiniteError(f"the training loss is not finite at step {step}: {describe_losses(values)}; "
                                  f"the run stopped and saved nothing from that step on. {hint}")
+
+
+class NonFiniteStepSkipper:
+    """--skip-nonfinite-steps N: a step whose loss is not finite on some process has its optimizer update
+    skipped; the (N+1)-th such step stops the run. Reads the loss every step (one host sync)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, limit: int, learning_rate: float):
+        self.optimizer_step = SkippableOptimizerStep(optimizer)
+        self.limit = limit
+        self.learning_rate = learning_rate
+        self.skipped = 0
+
+    def skips(self, step: int, outputs: Mapping[str, torch.Tensor], accelerator: Accelerator) -> bool:
+        """Whether this step's update is skipped; raises NonFiniteError past the limit."""
+        components = loss_components(outputs)
+        values = torch.stack([v.detach().float().reshape(()) for v in components.values()])
+        if not accelerator.reduce((~torch.isfinite(values)).any().float(), reduction="sum").item():
+            return False
+        self.skipped += 1
+        losses = describe_losses(dict(zip(components, values.tolist())))
+        if self.skipped > self.limit:
+            raise NonFiniteError(f"the training loss is not finite at step {step}: {losses}; that is more than "
+                                 f"--skip-nonfinite-steps {self.limit} such steps, so the run stopped and saved "
+                                 f"nothing from that step on. Lower --lr (now {self.learning_rate:g})")
+        self.optimizer_step.skip_next = True
+        logger.warning("step %d: %s; its update is skipped (%d of --skip-nonfinite-steps %d)", step, losses,
+                       self.skipped, self.limit)
+        return True
 
 
 class SkippableOptimizerStep:

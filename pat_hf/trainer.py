@@ -1,78 +1,40 @@
 """`DistillationTrainer`: the HF Trainer running a distiller with the reference's recipe.
 
 It adds what the reference's train.py does and the Trainer does not: timm's optimizer and learning-rate
-schedule (stepped per epoch), evaluation of the EMA students next to the raw one with the best metric taken
-over both, the loss and its components in the logs and `summary.csv` (pat_hf/loss_meters.py), a stop at the
-first non-finite loss (pat_hf/nonfinite.py), checkpoints that carry the distiller's per-process state and the
-callbacks' state and appear under their name only once all of it is written and flushed to the disk
-(pat_hf/checkpoints.py), and exact mid-epoch resumes (pat_hf/exact_resume.py).
+schedule (stepped per epoch), the loss and its components in the logs and `summary.csv` (pat_hf/loss_meters.py),
+a stop at the first non-finite loss (pat_hf/nonfinite.py), and, from its mixins, evaluation of the EMA students
+next to the raw one (pat_hf/ema_evaluation.py), checkpoints that carry the distiller's per-process state and
+appear under their name only once complete (pat_hf/staged_checkpoints.py), and exact mid-epoch resumes
+(pat_hf/exact_resume.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import shutil
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
-from accelerate.data_loader import prepare_data_loader
-from torch.utils.data import DataLoader
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, seed_worker
 
 from pat_hf import checkpoints
 from pat_hf.arguments import RecipeArguments
-from pat_hf.atomic import remove_stale_partials
-from pat_hf.callbacks import CheckpointStateCallback, ModelEmaCallback
+from pat_hf.attributes import temporarily
+from pat_hf.callbacks import CheckpointStateCallback
 from pat_hf.data import SKIPPED_IMAGES, StreamedTrainingSet
 from pat_hf.distillers import Distiller
+from pat_hf.ema_evaluation import EmaEvaluationTrainer
 from pat_hf.exact_resume import ExactResumeTrainer
 from pat_hf.loss_meters import TrainingMeters, write_summary_row
 from pat_hf.memory_format import MemoryFormat
-from pat_hf.nonfinite import (
-    NonFiniteError,
-    NonFiniteLossGuard,
-    SkippableOptimizerStep,
-    check_finite_state,
-    describe_losses,
-    loss_components,
-)
+from pat_hf.nonfinite import NonFiniteLossGuard, NonFiniteStepSkipper, check_finite_state
 from pat_hf.samplers import EpochRandomSampler, EpochSampler, InterleavedRepeatAugSampler
 from pat_hf.schedule import TimmLRSchedule, create_timm_optimizer, create_timm_scheduler, training_epochs
-
-logger = logging.getLogger(__name__)
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, lost permissions); the earlier ones are intact."""
+from pat_hf.staged_checkpoints import StagedCheckpointTrainer
+from pat_hf.stream_loader import streamed_training_loader
 
 
-@contextlib.contextmanager
-def _instead_of_method(obj, name: str, function: Callable):
-    """`obj.name` is `function` within the block (an instance attribute over the class's method)."""
-    setattr(obj, name, function)
-    try:
-        yield
-    finally:
-        delattr(obj, name)
-
-
-@contextlib.contextmanager
-def _temporarily(obj, name: str, value):
-    previous = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, previous)
-
-
-class DistillationTrainer(ExactResumeTrainer):
+class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactResumeTrainer):
     """Trains `model`, a `Distiller`: its forward is the whole distillation step, so DDP and autocast cover
     the student, the teacher and the distiller's modules alike. The loss it returns is a per-batch mean."""
 
@@ -89,9 +51,7 @@ class DistillationTrainer(ExactResumeTrainer):
         self.aug_repeats = aug_repeats
         self.meters = TrainingMeters(self.accelerator)
         self.nonfinite = NonFiniteLossGuard()
-        self._skippable_step: SkippableOptimizerStep | None = None
-        self._skipped_steps = 0
-        self._epoch_eval: dict[str, float] = {}
+        self._step_skipper: NonFiniteStepSkipper | None = None
         self._train_lr: float | None = None
         self._updates_per_epoch = 1
         self._train_sampler: EpochSampler | StreamedTrainingSet | None = None
@@ -103,10 +63,6 @@ class DistillationTrainer(ExactResumeTrainer):
     @property
     def distiller(self) -> Distiller:
         return self.accelerator.unwrap_model(self.model)
-
-    @property
-    def ema_callback(self) -> ModelEmaCallback | None:
-        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, ModelEmaCallback)), None)
 
     def _checkpoint_callbacks(self) -> list[CheckpointStateCallback]:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointStateCallback)]
@@ -120,13 +76,14 @@ class DistillationTrainer(ExactResumeTrainer):
             self.optimizer = create_timm_optimizer(self.distiller, self.recipe, self.args.learning_rate,
                                                    self.args.weight_decay)
             if self.recipe.skip_nonfinite_steps:
-                self._skippable_step = SkippableOptimizerStep(self.optimizer)
+                self._step_skipper = NonFiniteStepSkipper(self.optimizer, self.recipe.skip_nonfinite_steps,
+                                                          self.args.learning_rate)
         return self.optimizer
 
     def set_initial_training_values(self, args, dataloader):
         # The reference trains for timm's schedule length: --epochs plus --cooldown-epochs (docs/REFERENCE.md,
         # Recipe).
-        with _temporarily(args, "num_train_epochs", training_epochs(self.recipe, args.num_train_epochs)):
+        with temporarily(args, "num_train_epochs", training_epochs(self.recipe, args.num_train_epochs)):
             values = super().set_initial_training_values(args, dataloader)
         self._updates_per_epoch = values[1]
         return values
@@ -157,28 +114,12 @@ class DistillationTrainer(ExactResumeTrainer):
         # drop_last is for training only (mixup pairs, PAT's feedback); evaluation must see every example.
         collate = self.fetch_rng_collate(self.train_data_collator) if is_training else self.data_collator
         if is_training and isinstance(kwargs.get("dataset"), StreamedTrainingSet):
-            return self._streamed_training_loader(kwargs["dataset"], kwargs["batch_size"], collate)
-        with _temporarily(self.args, "dataloader_drop_last", self.args.dataloader_drop_last and is_training), \
-                _temporarily(self, "data_collator", collate):
+            self.track_fetch_rng(kwargs["dataset"])
+            self._train_sampler = kwargs["dataset"]
+            return streamed_training_loader(kwargs["dataset"], kwargs["batch_size"], collate, self.args)
+        with temporarily(self.args, "dataloader_drop_last", self.args.dataloader_drop_last and is_training), \
+                temporarily(self, "data_collator", collate):
             return super()._get_dataloader(*args, is_training=is_training, **kwargs)
-
-    def _streamed_training_loader(self, stream: StreamedTrainingSet, batch_size: int, collate: Callable):
-        """The loader of a streamed training split, which already splits it between processes and workers:
-        accelerate places the batches on the device but must not shard the stream again (it would keep a
-        1/processes of each process's share) nor read it on one process and dispatch it."""
-        self.track_fetch_rng(stream)
-        self._train_sampler = stream
-        args = self.args
-        workers = args.dataloader_num_workers
-        loader = DataLoader(
-            stream, batch_size=batch_size, collate_fn=collate, drop_last=True, num_workers=workers,
-            pin_memory=args.dataloader_pin_memory,
-            persistent_workers=bool(args.dataloader_persistent_workers and workers > 0),
-            prefetch_factor=args.dataloader_prefetch_factor,
-            multiprocessing_context=args.dataloader_multiprocessing_context,
-            worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index))
-        return prepare_data_loader(loader, args.device, num_processes=1, process_index=0, put_on_device=True,
-                                   dispatch_batches=False, rng_types=None, non_blocking=args.dataloader_pin_memory)
 
     # ---- training step, logging, epochs ----
 
@@ -190,7 +131,7 @@ class DistillationTrainer(ExactResumeTrainer):
             # The rate this step's optimizer update uses (summary.csv reports it per epoch).
             self._train_lr = self.optimizer.param_groups[0]["lr"]
             step = self.state.global_step + 1
-            if not self._skipped_for_nonfinite_loss(step, outputs):
+            if self._step_skipper is None or not self._step_skipper.skips(step, outputs, self.accelerator):
                 self.meters.add(outputs, inputs["pixel_values"].shape[0], skipped_images)
                 self.nonfinite.observe(step, outputs)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
@@ -198,28 +139,6 @@ class DistillationTrainer(ExactResumeTrainer):
     def _nonfinite_hint(self) -> str:
         return (f"Lower --lr (now {self.args.learning_rate:g}), or let up to N such steps pass without an update "
                 f"with --skip-nonfinite-steps N (fp16 overflow)")
-
-    def _skipped_for_nonfinite_loss(self, step: int, outputs: dict[str, torch.Tensor]) -> bool:
-        """--skip-nonfinite-steps N: whether this step's loss is not finite on some process, in which case its
-        optimizer update is skipped; the (N+1)-th such step stops the run. Reads the loss every step."""
-        if self._skippable_step is None:
-            return False
-        components = loss_components(outputs)
-        values = torch.stack([v.detach().float().reshape(()) for v in components.values()])
-        bad = self.accelerator.reduce((~torch.isfinite(values)).any().float(), reduction="sum")
-        if not bad.item():
-            return False
-        self._skipped_steps += 1
-        limit = self.recipe.skip_nonfinite_steps
-        losses = describe_losses(dict(zip(components, values.tolist())))
-        if self._skipped_steps > limit:
-            raise NonFiniteError(f"the training loss is not finite at step {step}: {losses}; that is more than "
-                                 f"--skip-nonfinite-steps {limit} such steps, so the run stopped and saved nothing "
-                                 f"from that step on. Lower --lr (now {self.args.learning_rate:g})")
-        self._skippable_step.skip_next = True
-        logger.warning("step %d: %s; its update is skipped (%d of --skip-nonfinite-steps %d)", step, losses,
-                       self._skipped_steps, limit)
-        return True
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -235,7 +154,7 @@ class DistillationTrainer(ExactResumeTrainer):
 
     def _run_epoch(self, model, epoch, *args, **kwargs):
         self.meters.reset_epoch()
-        self._epoch_eval = {}
+        self.epoch_eval = {}
         if self._train_sampler is not None:
             # Under DDP, the loader accelerate rebuilds to skip the batches of an interrupted epoch does not pass
             # set_epoch on to the sampler, which would then replay epoch 0's order.
@@ -253,30 +172,9 @@ class DistillationTrainer(ExactResumeTrainer):
         train_means = self.meters.epoch_summary(self.args.device)
         if self.args.should_save:
             write_summary_row(self.args.output_dir, float(self.state.epoch or 0), self._train_lr, train_means,
-                              self._epoch_eval)
+                              self.epoch_eval)
 
     # ---- evaluation ----
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix: str = "eval") -> EvalLoopOutput:
-        """Evaluate the raw student, then each EMA student in its place (metrics `<prefix>_ema_top1`, ...),
-        and report the higher top-1 of them as `<prefix>_max_top1`, the reference's selection metric."""
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        top1 = [output.metrics.get(f"{metric_key_prefix}_top1")]
-        for name, module in self.ema_callback.named_models() if self.ema_callback else []:
-            prefix = f"{metric_key_prefix}_{name}"
-            with _temporarily(self.distiller, "student", module):
-                ema_output = super().evaluation_loop(dataloader, f"{description} ({name})", prediction_loss_only,
-                                                     ignore_keys, prefix)
-            output.metrics.update(ema_output.metrics)
-            top1.append(ema_output.metrics.get(f"{prefix}_top1"))
-        top1 = [value for value in top1 if value is not None]
-        if top1:
-            output.metrics[f"{metric_key_prefix}_max_top1"] = max(top1)
-        if metric_key_prefix == "eval":
-            self._epoch_eval = dict(output.metrics)
-        return output
 
     def _determine_best_metric(self, metrics, trial) -> bool:
         is_new_best = super()._determine_best_metric(metrics, trial)
@@ -286,58 +184,20 @@ class DistillationTrainer(ExactResumeTrainer):
 
     # ---- checkpoints ----
 
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint plus the distiller's per-process state and the callbacks' state, written
-        under `checkpoint-N.partial/` and published as `checkpoint-N` (complete, flushed to the disk) once every
-        process has written everything; only then are older checkpoints rotated out. Refused for a model that
-        is not finite; a failed write (full disk) removes what it wrote and leaves the earlier checkpoints."""
-        step = self.state.global_step
+    def check_before_checkpoint(self, step: int) -> None:
         self.nonfinite.raise_if_bad(self.accelerator, self._nonfinite_hint())
         check_finite_state(self.distiller.state_dict(), f"the model at step {step}")
-        run_dir = self._get_output_dir(trial)
-        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        staging = checkpoints.staging_root(run_dir, step)
-        folder = str(staging / os.path.basename(final))
-        if self.args.should_save:
-            remove_stale_partials(run_dir)
-            if os.path.isdir(final):
-                # Left by a run that was interrupted after this step and resumed from an earlier checkpoint.
-                shutil.rmtree(final)
-        self.accelerator.wait_for_everyone()
-        try:
-            with _temporarily(self.args, "save_total_limit", None), \
-                    _instead_of_method(self, "_get_output_dir", lambda trial=None: str(staging)):
-                super()._save_checkpoint(model, trial)
-            checkpoints.save_process_state(folder, self.args.process_index, self.distiller.process_state_dict())
-            self.save_fetch_rng(folder)
-            for callback in self._checkpoint_callbacks():
-                callback.save_to_checkpoint(folder, self.args.should_save)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                self._record_best_checkpoint(run_dir, folder)
-                checkpoints.publish_checkpoint(folder, {**self.run_identity, "global_step": step})
-        except OSError as error:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise CheckpointWriteError(
-                f"could not write {final}: {error.strerror or error}; nothing of it was kept and the earlier "
-                f"checkpoints are intact: free space (or restore write access) and continue with --resume") from error
-        if self.args.should_save:
-            checkpoints.rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
 
-    def _record_best_checkpoint(self, run_dir: str, folder: str) -> None:
-        """The Trainer looked for the best checkpoint beside the staged one; point it at the published name."""
-        best_step = self.state.best_global_step
-        if not best_step:
-            return
-        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
-        if best_step == self.state.global_step or os.path.isdir(best):
-            self.state.best_model_checkpoint = best
-            self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+    def write_checkpoint_extras(self, folder: str) -> None:
+        """The distiller's per-process state, the data-order RNG and the callbacks' state."""
+        checkpoints.save_process_state(folder, self.args.process_index, self.distiller.process_state_dict())
+        self.save_fetch_rng(folder)
+        for callback in self._checkpoint_callbacks():
+            callback.save_to_checkpoint(folder, self.args.should_save)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         # The Trainer pickles its arguments into training_args.bin: without the Hub token.
-        with _temporarily(self.args, "hub_token", None):
+        with temporarily(self.args, "hub_token", None):
             super()._save(output_dir, self.memory_format.saveable_state(self.distiller, state_dict))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
