@@ -35,6 +35,12 @@ def describe_losses(values: Mapping[str, float]) -> str:
     return f"{bad} is {values[bad]} ({', '.join(f'{name} {value:.4g}' for name, value in values.items())})"
 
 
+def loss_values(outputs: Mapping[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """The names of a step's loss components and their values as one float tensor, on the device."""
+    components = loss_components(outputs)
+    return list(components), torch.stack([v.detach().float().reshape(()) for v in components.values()])
+
+
 class NonFiniteLossGuard:
     """The first step with a non-finite loss component, kept on the device."""
 
@@ -44,10 +50,9 @@ class NonFiniteLossGuard:
         self._values: torch.Tensor | None = None
 
     def observe(self, step: int, outputs: Mapping[str, torch.Tensor]) -> None:
-        components = loss_components(outputs)
-        values = torch.stack([v.detach().float().reshape(()) for v in components.values()])
+        names, values = loss_values(outputs)
         if self._step is None:
-            self._names = list(components)
+            self._names = names
             self._step = torch.full((), -1, dtype=torch.long, device=values.device)
             self._values = torch.zeros_like(values)
         first = (~torch.isfinite(values)).any() & (self._step < 0)
@@ -86,12 +91,11 @@ class NonFiniteStepSkipper:
 
     def skips(self, step: int, outputs: Mapping[str, torch.Tensor], accelerator: Accelerator) -> bool:
         """Whether this step's update is skipped; raises NonFiniteError past the limit."""
-        components = loss_components(outputs)
-        values = torch.stack([v.detach().float().reshape(()) for v in components.values()])
+        names, values = loss_values(outputs)
         if not accelerator.reduce((~torch.isfinite(values)).any().float(), reduction="sum").item():
             return False
         self.skipped += 1
-        losses = describe_losses(dict(zip(components, values.tolist())))
+        losses = describe_losses(dict(zip(names, values.tolist())))
         if self.skipped > self.limit:
             raise NonFiniteError(f"the training loss is not finite at step {step}: {losses}; that is more than "
                                  f"--skip-nonfinite-steps {self.limit} such steps, so the run stopped and saved "

@@ -106,16 +106,19 @@ class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactRe
                                                   num_repeats=self.aug_repeats)
         else:
             sampler = EpochRandomSampler(len(dataset), seed=self.args.data_seed or self.args.seed)
-        self.track_fetch_rng(sampler)
-        self._train_sampler = sampler
+        self._use_training_order(sampler)
         return sampler
+
+    def _use_training_order(self, order: EpochSampler | StreamedTrainingSet) -> None:
+        """The sampler (or stream) whose epoch the trainer sets and whose RNG a checkpoint keeps."""
+        self.track_fetch_rng(order)
+        self._train_sampler = order
 
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
         # drop_last is for training only (mixup pairs, PAT's feedback); evaluation must see every example.
         collate = self.fetch_rng_collate(self.train_data_collator) if is_training else self.data_collator
         if is_training and isinstance(kwargs.get("dataset"), StreamedTrainingSet):
-            self.track_fetch_rng(kwargs["dataset"])
-            self._train_sampler = kwargs["dataset"]
+            self._use_training_order(kwargs["dataset"])
             return streamed_training_loader(kwargs["dataset"], kwargs["batch_size"], collate, self.args)
         with temporarily(self.args, "dataloader_drop_last", self.args.dataloader_drop_last and is_training), \
                 temporarily(self, "data_collator", collate):

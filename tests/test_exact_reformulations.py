@@ -75,15 +75,23 @@ def test_map_to_map_normalises_before_growing_as_after(in_shape, out_shape, mome
     torch.testing.assert_close(fast(x), plain.proj(F.interpolate(x, size=out_shape[1:], mode="nearest")))
 
 
-@pytest.mark.parametrize("patch", [(2, 2), (14, 14)])
+@pytest.mark.parametrize("patch", [2, 14])
 def test_patch_tokens_equal_the_strided_convolution(patch):
     torch.manual_seed(0)
-    embed = PatchTokens(5, 7, patch).double()
-    x = torch.randn(2, 5, 4 * patch[0], 3 * patch[1], dtype=torch.float64, requires_grad=True)
+    embed = PatchTokens(5, 7, (4 * patch, 4 * patch), side=4).double()
+    x = torch.randn(2, 5, 4 * patch, 4 * patch, dtype=torch.float64, requires_grad=True)
     expected = F.conv2d(x, embed.weight, embed.bias, stride=patch).flatten(2).transpose(1, 2)
     actual = embed(x)
-    assert actual.shape == (2, 12, 7)
+    assert actual.shape == (2, 16, 7)
     assert_close([actual, *grads(actual, [x, embed.weight])], [expected, *grads(expected, [x, embed.weight])])
+
+
+def test_patch_tokens_resize_a_map_to_a_multiple_of_the_grid_first():
+    embed = PatchTokens(3, 4, (14, 14), side=4)
+    assert embed.kernel_size == (4, 4) and embed.in_size == (16, 16)
+    x = torch.randn(2, 3, 14, 14)
+    expected = F.conv2d(F.interpolate(x, size=(16, 16), mode="nearest"), embed.weight, embed.bias, stride=4)
+    torch.testing.assert_close(embed(x), expected.flatten(2).transpose(1, 2))
 
 
 def naive_hierarchical_context_loss(student, teacher):

@@ -129,14 +129,9 @@ class MapToTokens(nn.Module):
 
     def __init__(self, in_shape: Shape, out_shape: Shape):
         super().__init__()
-        grid = _square_side(out_shape[0])
-        patch = tuple(math.ceil(size / grid) for size in in_shape[-2:])
-        self.in_size = tuple(p * grid for p in patch)
-        self.proj = PatchTokens(channels(in_shape), channels(out_shape), patch)
+        self.proj = PatchTokens(channels(in_shape), channels(out_shape), in_shape[-2:], _square_side(out_shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.in_size:
-            x = F.interpolate(x, size=self.in_size, mode="nearest")
         return self.proj(x)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -48,15 +47,10 @@ class StagePatchEmbed(nn.Module):
     def __init__(self, grid: FeatureGrid, side: int, dim: int):
         super().__init__()
         self.grid = grid
-        patch = tuple(math.ceil(size / side) for size in grid.size)
-        self.in_size = tuple(p * side for p in patch)
-        self.proj = PatchTokens(grid.channels, dim, patch)
+        self.proj = PatchTokens(grid.channels, dim, grid.size, side)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.grid.to_map(x)
-        if tuple(x.shape[-2:]) != self.in_size:
-            x = F.interpolate(x, size=self.in_size, mode="nearest")
-        return self.proj(x)
+        return self.proj(self.grid.to_map(x))
 
 
 class RegionAttention(nn.Module):
