@@ -35,18 +35,12 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from benchmarks.reporting import cpu_name, write_report  # noqa: E402
-from pat_hf.arguments import parse_arguments  # noqa: E402
-from pat_hf.data import (  # noqa: E402
-    MixupCollator,
-    attach_transform,
-    build_mixup,
-    build_transforms,
-    collate,
-    load_splits,
-    num_classes_of,
-    resolve_data_config_for,
-)
-from pat_hf.models import create_model  # noqa: E402
+from pat_hf.config.parser import parse_arguments  # noqa: E402
+from pat_hf.data.examples import attach_transform  # noqa: E402
+from pat_hf.data.labels import num_classes_of  # noqa: E402
+from pat_hf.data.sources import load_splits  # noqa: E402
+from pat_hf.data.transforms import MixupCollator, build_mixup, build_transforms, collate, resolve_data_config_for  # noqa: E402
+from pat_hf.models.factory import create_model  # noqa: E402
 
 RECIPES = ("vit_mlp", "cnn")
 # Common ImageNet-1k training image sizes (width, height); the set averages about 400x350.

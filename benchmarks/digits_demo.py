@@ -60,7 +60,7 @@ class RunFailed(RuntimeError):
 
 def run(name: str, label: str, output: Path, flags: list[str], threads: int) -> Result:
     """One training run in its own process with `threads` CPU threads; its log goes to OUTPUT/NAME.log."""
-    command = [sys.executable, "-m", "pat_hf.train", "--config", CONFIG, "--output_dir", str(output / name),
+    command = [sys.executable, "-m", "pat_hf.cli.train", "--config", CONFIG, "--output_dir", str(output / name),
                "--report_to", "none", "--disable_tqdm", "true", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pat_hf.distillers import DistillArguments, DistillContext, get_distiller_class  # noqa: E402
-from pat_hf.models import create_model  # noqa: E402
-from pat_hf.stages import StageLayer  # noqa: E402
+from pat_hf.models.factory import create_model  # noqa: E402
+from pat_hf.models.stages.layer import StageLayer  # noqa: E402
 
 # (column name, registry name, hyper-parameter overrides)
 DISTILLERS = [

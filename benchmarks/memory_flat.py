@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from benchmarks.reporting import describe_machine, write_report  # noqa: E402
-from pat_hf import train as pat_train  # noqa: E402
+from pat_hf.cli import train as pat_train  # noqa: E402
 
 MIB = 2**20
 # Growth after warm-up that still counts as noise (allocator and Python object churn).

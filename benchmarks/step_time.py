@@ -49,11 +49,11 @@ from accelerate.utils import TorchDynamoPlugin  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.reporting import describe_machine, write_report  # noqa: E402
-from pat_hf.arguments import RecipeArguments  # noqa: E402
+from pat_hf.config.arguments import RecipeArguments  # noqa: E402
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class  # noqa: E402
-from pat_hf.host_memory import keep_freed_host_memory  # noqa: E402
-from pat_hf.models import create_model  # noqa: E402
-from pat_hf.schedule import create_timm_optimizer  # noqa: E402
+from pat_hf.models.factory import create_model  # noqa: E402
+from pat_hf.training.host_memory import keep_freed_host_memory  # noqa: E402
+from pat_hf.training.schedule import create_timm_optimizer  # noqa: E402
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 STUDENT_STEP, TEACHER_FORWARD, TEACHER_BACKWARD = "student step", "teacher no-grad forward", "teacher fwd+bwd"
@@ -173,7 +173,7 @@ def distiller_hparams(cls: type[Distiller], overrides: dict[str, Any]) -> Any:
 
 def build_distiller(name: str, student: nn.Module, teacher: nn.Module, pair: Pair, settings: Settings,
                     train_labels: torch.Tensor) -> Distiller:
-    """As pat_hf.train builds it (plain cross-entropy: no mixup or label smoothing here)."""
+    """As pat_hf.cli.train builds it (plain cross-entropy: no mixup or label smoothing here)."""
     cls = get_distiller_class(name)
     context = DistillContext(input_size=(3, pair.img_size, pair.img_size), num_classes=settings.num_classes,
                              train_labels=train_labels)
@@ -508,7 +508,7 @@ def selected_pairs(args: argparse.Namespace) -> list[Pair]:
 def main(argv: list[str] | None = None) -> str:
     """Run the benchmark, print the Markdown report and return it."""
     args = parse_args(argv)
-    keep_freed_host_memory()  # as pat_hf.train does
+    keep_freed_host_memory()  # as pat_hf.cli.train does
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = settings_from(args)

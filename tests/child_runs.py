@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pat_hf import train as pat_train
+from pat_hf.cli import train as pat_train
 
 
 def _run_main(argv: list[str], log: str) -> None:

@@ -20,7 +20,7 @@ def _seeded():
 @pytest.fixture
 def fake_hub(monkeypatch):
     """pat_hf.hub talking to a FakeHfApi that records its calls (tests.helpers), never to the network."""
-    from pat_hf import hub
+    from pat_hf.export import hub
     from tests.helpers import FakeHfApi
 
     monkeypatch.setattr(FakeHfApi, "calls", [])

@@ -1,4 +1,4 @@
-"""Run by `accelerate launch` in test_cuda.py: pat_hf.train.main with a callback that writes the device and the
+"""Run by `accelerate launch` in test_cuda.py: pat_hf.cli.train.main with a callback that writes the device and the
 autocast dtype of the student's forward to $CUDA_PROBE, and kills the process (SIGKILL) right after the
 checkpoint of step $KILL_AFTER_SAVE_STEP is complete."""
 
@@ -10,7 +10,7 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-from pat_hf import train
+from pat_hf.cli import train
 
 # The same kernels in the interrupted and the uninterrupted run.
 torch.backends.cudnn.benchmark = False

@@ -9,8 +9,8 @@ import time
 
 from safetensors.torch import save_file
 
-from pat_hf import train as pat_train
-from pat_hf.trainer import DistillationTrainer
+from pat_hf.cli import train as pat_train
+from pat_hf.training.trainer import DistillationTrainer
 
 train = DistillationTrainer.train
 compute_loss = DistillationTrainer.compute_loss

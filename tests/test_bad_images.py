@@ -14,20 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pat_hf import train as pat_train
-from pat_hf.arguments import DataArguments
-from pat_hf.data import (
-    SKIPPED_IMAGES,
-    ExampleReader,
-    MixupCollator,
-    attach_transform,
-    build_mixup,
-    check_labels,
-    collate,
-    collate_training,
-    load_splits,
-    resolve_num_classes,
-)
+from pat_hf.cli import train as pat_train
+from pat_hf.config.arguments import DataArguments
+from pat_hf.data.decoding import SKIPPED_IMAGES, ExampleReader
+from pat_hf.data.examples import attach_transform
+from pat_hf.data.labels import check_labels, resolve_num_classes
+from pat_hf.data.sources import load_splits
+from pat_hf.data.transforms import MixupCollator, build_mixup, collate, collate_training
 from tests.helpers import STUDENT, save_teacher
 
 BAD_IMAGES = ("broken.png", "notes.png")  # a truncated PNG, and text named like an image

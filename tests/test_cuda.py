@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pat_hf.checkpoints import COMPLETE_MARKER
+from pat_hf.training.checkpoints import COMPLETE_MARKER
 from tests.helpers import save_teacher, tiny_run
 
 pytestmark = [pytest.mark.cuda,

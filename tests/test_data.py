@@ -4,17 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pat_hf.arguments import DataArguments
-from pat_hf.data import (
-    attach_transform,
-    build_criterion,
-    build_mixup,
-    build_transforms,
-    collate,
-    load_digits_dataset,
-    load_splits,
-    num_classes_of,
-)
+from pat_hf.config.arguments import DataArguments
+from pat_hf.data.examples import attach_transform
+from pat_hf.data.labels import num_classes_of
+from pat_hf.data.sources import load_digits_dataset, load_splits
+from pat_hf.data.transforms import build_criterion, build_mixup, build_transforms, collate
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
                "interpolation": "bilinear", "crop_pct": 1.0}
@@ -96,8 +90,8 @@ def test_criterion_follows_the_reference_rule():
 
 
 def test_mixup_collator_mixes_and_smooths_training_batches():
-    from pat_hf.callbacks import MixupOffCallback
-    from pat_hf.data import MixupCollator
+    from pat_hf.data.transforms import MixupCollator
+    from pat_hf.training.callbacks import MixupOffCallback
 
     mixup = build_mixup(DataArguments(mixup=0.8, cutmix=1.0, smoothing=0.1), num_classes=10, batch_size=4)
     examples = [{"pixel_values": torch.full((3, 8, 8), float(i)), "labels": i} for i in range(4)]
@@ -116,8 +110,8 @@ def test_mixup_collator_mixes_and_smooths_training_batches():
 
 def test_digits_are_normalised_with_their_own_statistics_for_every_model():
     """A teacher and a student with different timm defaults (ImageNet vs 0.5 mean/std) must see the same input."""
-    from pat_hf.data import resolve_data_config_for
-    from pat_hf.models import create_model
+    from pat_hf.data.transforms import resolve_data_config_for
+    from pat_hf.models.factory import create_model
 
     _, _, source = load_splits(DataArguments(dataset="digits", max_train_samples=1, max_eval_samples=1))
     configs = [resolve_data_config_for(DataArguments(dataset="digits"), create_model(name, 10, kwargs), 32, source)
@@ -142,7 +136,7 @@ def test_max_samples_draw_a_seeded_random_subset_not_the_first_rows():
 
 
 def test_class_counts_and_crd_labels_come_from_the_label_column_alone(monkeypatch):
-    from pat_hf.data import resolve_num_classes, train_labels_of
+    from pat_hf.data.labels import resolve_num_classes, train_labels_of
 
     split = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))] * 4, "label": [0, 4, 2, 4]})
     digits, _, _ = load_splits(DataArguments(dataset="digits"))
@@ -172,14 +166,15 @@ def test_a_data_dir_copy_of_a_known_dataset_keeps_its_columns_and_statistics(tmp
 
 
 def test_workers_default_to_the_cpu_share_of_each_local_process(monkeypatch):
-    from pat_hf.arguments import MAX_AUTO_WORKERS, auto_num_workers, parse_arguments
+    from pat_hf.config.arguments import MAX_AUTO_WORKERS, auto_num_workers
+    from pat_hf.config.parser import parse_arguments
 
     for cores, processes, expected in ((16, 1, MAX_AUTO_WORKERS), (16, 8, 1), (2, 1, 1), (1, 1, 0), (4, 8, 0)):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)), raising=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
         assert auto_num_workers() == expected, (cores, processes)
         assert auto_num_workers(on_gpu=False) == 0
-    monkeypatch.setattr("pat_hf.arguments.auto_num_workers", lambda on_gpu: 3 if on_gpu else 0)
+    monkeypatch.setattr("pat_hf.config.arguments.auto_num_workers", lambda on_gpu: 3 if on_gpu else 0)
     training = parse_arguments([]).training
     assert training.dataloader_num_workers == (3 if torch.cuda.is_available() else 0)
     assert training.dataloader_persistent_workers == torch.cuda.is_available()
@@ -191,7 +186,7 @@ def test_workers_default_to_the_cpu_share_of_each_local_process(monkeypatch):
 def test_mixup_off_reaches_persistent_workers():
     from torch.utils.data import DataLoader
 
-    from pat_hf.data import MixupCollator
+    from pat_hf.data.transforms import MixupCollator
 
     mixup = build_mixup(DataArguments(mixup=1.0, smoothing=0.0), num_classes=4, batch_size=4)
     examples = [{"pixel_values": torch.full((3, 2, 2), float(i)), "labels": i} for i in range(4)]

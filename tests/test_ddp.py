@@ -21,20 +21,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pat_hf import train as pat_train
-from pat_hf.arguments import parse_arguments
-from pat_hf.data import (
-    attach_transform,
-    build_criterion,
-    build_transforms,
-    collate,
-    load_splits,
-    resolve_data_config_for,
-)
+from pat_hf.cli import train as pat_train
+from pat_hf.config.parser import parse_arguments
+from pat_hf.data.examples import attach_transform
+from pat_hf.data.samplers import EpochRandomSampler
+from pat_hf.data.sources import load_splits
+from pat_hf.data.transforms import build_criterion, build_transforms, collate, resolve_data_config_for
 from pat_hf.distillers import DistillContext, get_distiller_class
-from pat_hf.models import create_model, create_teacher
-from pat_hf.samplers import EpochRandomSampler
-from pat_hf.schedule import create_timm_optimizer
+from pat_hf.models.factory import create_model, create_teacher
+from pat_hf.training.schedule import create_timm_optimizer
 from tests.helpers import run_two_processes, save_teacher, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]

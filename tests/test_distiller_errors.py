@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pat_hf.distillers import DistillArguments, DistillContext, get_distiller_class
-from pat_hf.models import create_model
-from pat_hf.reference import convert_distiller_state
+from pat_hf.models.factory import create_model
+from pat_hf.reference.convert import convert_distiller_state
 from tests.tiny_models import INPUT_SIZE, NUM_CLASSES, tiny_batch, tiny_model
 
 torch.set_num_threads(1)

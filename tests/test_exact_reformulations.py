@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.arguments import RecipeArguments
-from pat_hf.host_memory import keep_freed_host_memory
+from pat_hf.config.arguments import RecipeArguments
 from pat_hf.modules.hcl import POOL_LEVELS, hierarchical_context_loss
 from pat_hf.modules.patch_tokens import PatchTokens
 from pat_hf.modules.projectors import build_projector
 from pat_hf.modules.prompt_block import _branch, _fusion, _prompt
 from pat_hf.modules.window_sums import tap_sums
-from pat_hf.schedule import create_timm_optimizer
+from pat_hf.training.host_memory import keep_freed_host_memory
+from pat_hf.training.schedule import create_timm_optimizer
 
 
 def grads(output: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,6 +1,6 @@
 """Bad input, each row a test: the run refuses with ONE line on stderr that names the problem and what to do (no
 traceback), exits non-zero, and leaves everything already on disk as it was (a fresh --output_dir is not even
-created). Rows go through `cli()` in this process; a representative few through a real `python -m pat_hf.train`.
+created). Rows go through `cli()` in this process; a representative few through a real `python -m pat_hf.cli.train`.
 The data rows (missing folders, bad images, ...) are in tests/test_data.py."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pat_hf import train as pat_train
-from pat_hf.arguments import parse_arguments
-from pat_hf.checkpoints import mark_complete
+from pat_hf.cli import train as pat_train
+from pat_hf.config.parser import parse_arguments
+from pat_hf.training.checkpoints import mark_complete
 from tests.helpers import save_teacher, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,7 +301,7 @@ def test_a_class_count_hint_is_one_that_is_accepted(tmp_path):
 def run_module(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
-    return subprocess.run([sys.executable, "-m", "pat_hf.train", *argv], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pat_hf.cli.train", *argv], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300, **kwargs)
 
 
@@ -393,6 +393,6 @@ def test_a_teacher_copied_elsewhere_is_the_same_teacher(tmp_path):
     moved = str(shutil.copy(teacher, tmp_path / "moved.safetensors"))
     args = parse_arguments([*argv, "--teacher-pretrained", moved])
     identity = args.run_identity(pat_train.teacher_weights_id(args))
-    from pat_hf.checkpoints import check_resumable
+    from pat_hf.training.checkpoints import check_resumable
 
     assert check_resumable(tmp_path / "run" / "checkpoint-4", identity) == []

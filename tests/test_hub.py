@@ -16,10 +16,12 @@ from huggingface_hub.utils import hf_raise_for_status
 from PIL import Image
 from transformers import TrainerCallback, pipeline
 
-from pat_hf import evaluate as pat_evaluate
-from pat_hf import hub, push
-from pat_hf import train as pat_train
-from pat_hf.hub import HubPushError, ModelCardInfo, model_card
+from pat_hf.cli import evaluate as pat_evaluate
+from pat_hf.cli import push
+from pat_hf.cli import train as pat_train
+from pat_hf.export import hub
+from pat_hf.export.card import ModelCardInfo, model_card
+from pat_hf.export.hub import HubPushError
 from tests.helpers import FakeHfApi, save_teacher, tiny_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

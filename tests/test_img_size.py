@@ -1,5 +1,5 @@
 """`--img-size` builds both models for that size: a ViT, a Swin and a CNN at a non-default size, each once as
-teacher and once as student, a few training steps through `pat_hf.train.main`."""
+teacher and once as student, a few training steps through `pat_hf.cli.train.main`."""
 
 import json
 from pathlib import Path
@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from transformers import TrainerCallback
 
-from pat_hf import evaluate as evaluate_cli
-from pat_hf import train as pat_train
-from pat_hf.models import create_model, create_teacher
+from pat_hf.cli import evaluate as evaluate_cli
+from pat_hf.cli import train as pat_train
+from pat_hf.models.factory import create_model, create_teacher
 
 SIZE = 64  # none of the three models' default (test_vit and test_resnet: 160, Swin: 224)
 SWIN = "swin_tiny_patch4_window7_224"

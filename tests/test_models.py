@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pat_hf.models import create_model, create_teacher, read_state_dict
+from pat_hf.models.factory import create_model, create_teacher, read_state_dict
 
 
 def test_unknown_model_name():

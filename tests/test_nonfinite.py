@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from pat_hf import train as pat_train
-from pat_hf.checkpoints import COMPLETE_MARKER, checkpoint_folders
-from pat_hf.loss_meters import TrainingMeters
-from pat_hf.nonfinite import NonFiniteError, NonFiniteLossGuard
+from pat_hf.cli import train as pat_train
+from pat_hf.training.checkpoints import COMPLETE_MARKER, checkpoint_folders
+from pat_hf.training.meters import TrainingMeters
+from pat_hf.training.nonfinite import NonFiniteError, NonFiniteLossGuard
 from tests.helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_a_huge_learning_rate_stops_in_one_line_and_exports_nothing(tmp_path):
                     "--max-train-samples", "32", "--batch-size", "8", "--logging_steps", "1")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "pat_hf.train", *argv], cwd=REPO, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pat_hf.cli.train", *argv], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("pat-hf-train: ")]

@@ -5,9 +5,9 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from PIL import Image
 
-from pat_hf.arguments import parse_arguments
-from pat_hf.data import load_splits
-from pat_hf.overridden_flags import OVERRIDDEN_FLAGS
+from pat_hf.config.overridden_flags import OVERRIDDEN_FLAGS
+from pat_hf.config.parser import parse_arguments
+from pat_hf.data.sources import load_splits
 
 INSTEAD = {
     "optim": "--opt NAME", "optim_args": "--opt-eps", "optim_target_modules": "drop the flag",

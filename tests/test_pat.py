@@ -7,7 +7,7 @@ import torch
 
 from pat_hf.distillers import DistillArguments, DistillContext
 from pat_hf.distillers.pat import PAT, PATArguments
-from pat_hf.models import create_model
+from pat_hf.models.factory import create_model
 from pat_hf.modules.prompt_block import PromptBlock
 from pat_hf.modules.quirks import PATQuirks
 from pat_hf.modules.region_attention import RegionAttention

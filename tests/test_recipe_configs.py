@@ -9,8 +9,8 @@ import torch
 import yaml
 from timm.loss import BinaryCrossEntropy
 
-from pat_hf.arguments import parse_arguments
-from pat_hf.data import build_criterion
+from pat_hf.config.parser import parse_arguments
+from pat_hf.data.transforms import build_criterion
 
 torch.set_num_threads(1)
 # The reference's default distiller (ofa) may not be in this checkout; the recipe does not depend on it.
@@ -180,7 +180,7 @@ def test_base_key_chains_and_overrides(tmp_path):
     (["--aug-repeats", "3"], "--aug-repeats needs a distributed run"),
 ])
 def test_bad_recipe_flags_fail_before_writing(tmp_path, flags, message):
-    from pat_hf import train as pat_train
+    from pat_hf.cli import train as pat_train
 
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
         pat_train.main(["--output_dir", str(tmp_path / "run"), "--report_to", "none", *DISTILLER, *flags])

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from pat_hf.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, mark_complete, rotate_checkpoints
+from pat_hf.training.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, mark_complete, rotate_checkpoints
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def resume_argv(output_dir: Path, *extra: str) -> list[str]:
 
 
 def test_resume_without_checkpoint_fails_before_writing(tmp_path):
-    from pat_hf import train as pat_train
+    from pat_hf.cli import train as pat_train
 
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         pat_train.main(resume_argv(tmp_path / "run", "--resume"))
@@ -151,7 +151,7 @@ def test_resume_without_checkpoint_fails_before_writing(tmp_path):
 
 @pytest.mark.parametrize("change", [["--distiller", "kd", "--teacher", "test_resnet"], ["--model", "test_vit"]])
 def test_resume_into_another_run_fails_before_writing(tmp_path, change):
-    from pat_hf import train as pat_train
+    from pat_hf.cli import train as pat_train
 
     run = tmp_path / "run"
     fake_checkpoint(run, 4, IDENTITY)
@@ -165,7 +165,7 @@ def test_resume_into_another_run_fails_before_writing(tmp_path, change):
 def test_resume_at_an_epoch_end_that_was_followed_by_evaluation(tmp_path):
     """The checkpoint at step 4 is written before that epoch's evaluation: the resumed run does not evaluate
     there, yet must train exactly as the uninterrupted run (evaluation leaves the generators untouched)."""
-    from pat_hf import train as pat_train
+    from pat_hf.cli import train as pat_train
 
     def argv(output_dir: Path) -> list[str]:
         return [*resume_argv(output_dir), "--img-size", "32", "--batch-size", "8", "--max_train_samples", "32",
@@ -193,7 +193,7 @@ class RecordRates(TrainerCallback):
 def test_resuming_with_more_epochs_follows_a_fresh_run_of_that_length(tmp_path):
     """timm's scheduler state in the checkpoint holds the old length (t_initial): restoring it would run the
     added epochs at min_lr. The resumed run takes the rates a fresh 4-epoch run takes."""
-    from pat_hf import train as pat_train
+    from pat_hf.cli import train as pat_train
 
     def argv(output_dir: Path, epochs: int) -> list[str]:
         return [*resume_argv(output_dir), "--img-size", "32", "--batch-size", "8", "--max_train_samples", "32",

@@ -17,13 +17,13 @@ from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from torch.utils.data import BatchSampler
 from transformers import TrainerCallback, TrainingArguments
 
-from pat_hf import evaluate as evaluate_cli
-from pat_hf import train as pat_train
-from pat_hf.arguments import RecipeArguments
+from pat_hf.cli import evaluate as evaluate_cli
+from pat_hf.cli import train as pat_train
+from pat_hf.config.arguments import RecipeArguments
+from pat_hf.data.samplers import InterleavedRepeatAugSampler
 from pat_hf.distillers import DistillArguments, DistillContext, get_distiller_class
 from pat_hf.distillers.pat import PATArguments
-from pat_hf.samplers import InterleavedRepeatAugSampler
-from pat_hf.trainer import DistillationTrainer
+from pat_hf.training.trainer import DistillationTrainer
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pat_hf.reference_check import format_table, main, recorded_distillers, run_check
+from pat_hf.reference.check import format_table, main, recorded_distillers, run_check
 
 GOLDEN = Path(os.environ.get("PAT_HF_GOLDEN_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 FIXTURES = sorted(GOLDEN.glob("*.safetensors")) if GOLDEN.is_dir() else []
@@ -51,8 +51,8 @@ def test_reference_training_checkpoint_converts(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from pat_hf.reference import main as convert
-    from pat_hf.reference_check import build_distiller
+    from pat_hf.reference.check import build_distiller
+    from pat_hf.reference.convert import main as convert
 
     fixture = GOLDEN / "swin_to_resnet.safetensors"
     meta = json.loads(fixture.with_suffix(".json").read_text())

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pat_hf.distillers import DistillArguments, DistillContext, get_distiller_class
-from pat_hf.models import create_model
-from pat_hf.reference import convert_distiller_state, load_reference_distiller_state
-from pat_hf.reference import main as convert
-from pat_hf.reference_check import main as check
-from pat_hf.stages import StageLayer
+from pat_hf.models.factory import create_model
+from pat_hf.models.stages.layer import StageLayer
+from pat_hf.reference.check import main as check
+from pat_hf.reference.convert import convert_distiller_state, load_reference_distiller_state
+from pat_hf.reference.convert import main as convert
 from tests.tiny_models import INPUT_SIZE, NUM_CLASSES, TINY_MODELS
 
 torch.set_num_threads(1)

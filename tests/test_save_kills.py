@@ -16,9 +16,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from pat_hf import train as pat_train
-from pat_hf.checkpoints import COMPLETE_MARKER, checkpoint_folders, latest_complete_checkpoint
-from pat_hf.staged_checkpoints import CheckpointWriteError
+from pat_hf.cli import train as pat_train
+from pat_hf.training.checkpoints import COMPLETE_MARKER, checkpoint_folders, latest_complete_checkpoint
+from pat_hf.training.staged_checkpoints import CheckpointWriteError
 from tests.child_runs import finish_child, start_child
 from tests.helpers import save_teacher, tiny_run
 from tests.test_recipe_resume import assert_same_tensors, pat_run_args

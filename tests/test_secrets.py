@@ -16,7 +16,8 @@ TOKEN = "hf_FAKEtokenThatMustNeverBeWritten0123456789"
 # The console script with the Hub client replaced by tests.helpers.FakeHfApi; its calls are saved as JSON.
 CHILD = """
 import json, sys
-from pat_hf import hub, train
+from pat_hf.cli import train
+from pat_hf.export import hub
 from tests.helpers import FakeHfApi
 hub.HfApi = FakeHfApi
 try:

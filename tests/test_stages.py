@@ -7,8 +7,8 @@ import torch
 from einops import rearrange
 from timm.models.nest import deblockify
 
-from pat_hf.models import create_model
-from pat_hf.stages import StageLayer
+from pat_hf.models.factory import create_model
+from pat_hf.models.stages.layer import StageLayer
 
 SIZE_224 = (3, 224, 224)
 

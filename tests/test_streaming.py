@@ -13,17 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from pat_hf import train as pat_train
-from pat_hf.arguments import DataArguments
-from pat_hf.data import (
-    RESUME_SKIPPED,
-    ExampleReader,
-    StreamedEvaluationSet,
-    StreamedTrainingSet,
-    attach_transform,
-    default_samples_per_epoch,
-    load_splits,
-)
+from pat_hf.cli import train as pat_train
+from pat_hf.config.arguments import DataArguments
+from pat_hf.data.decoding import RESUME_SKIPPED, ExampleReader
+from pat_hf.data.examples import attach_transform
+from pat_hf.data.sources import load_splits
+from pat_hf.data.streaming import StreamedEvaluationSet, StreamedTrainingSet, default_samples_per_epoch
 from tests.helpers import STUDENT, run_two_processes, save_teacher, tiny_run
 
 TRAIN_SHARDS, PER_SHARD = 4, 10

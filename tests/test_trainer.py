@@ -1,4 +1,4 @@
-"""The DistillationTrainer and pat_hf.train end to end, on tiny models and the digits data."""
+"""The DistillationTrainer and pat_hf.cli.train end to end, on tiny models and the digits data."""
 
 import json
 
@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from pat_hf import train as pat_train
-from pat_hf.arguments import parse_arguments
+from pat_hf.cli import train as pat_train
+from pat_hf.config.parser import parse_arguments
 from pat_hf.distillers import DistillArguments, DistillContext
 from pat_hf.distillers.kd import KD
-from pat_hf.models import create_model
+from pat_hf.models.factory import create_model
 from tests.helpers import save_teacher, tiny_run
 
 
@@ -65,7 +65,7 @@ def test_teacher_stays_frozen_in_eval_mode_and_out_of_the_optimizer():
     out["loss"].backward()
     assert torch.equal(teacher.bn1.running_mean, running_mean)
     assert all(p.grad is None for p in teacher.parameters())
-    from pat_hf.trainer import DistillationTrainer
+    from pat_hf.training.trainer import DistillationTrainer
 
     args = parse_arguments(["--output_dir", "/tmp/unused", "--report_to", "none", "--use_cpu",
                             "--eval_strategy", "no"]).training
@@ -75,7 +75,7 @@ def test_teacher_stays_frozen_in_eval_mode_and_out_of_the_optimizer():
 
 
 def test_weight_decay_skips_biases_and_norms():
-    from pat_hf.trainer import DistillationTrainer
+    from pat_hf.training.trainer import DistillationTrainer
 
     student = create_model("test_resnet", 10)
     distiller = KD(student, create_model("test_resnet", 10), DistillArguments(distiller="kd"), None,

@@ -1,11 +1,11 @@
-"""pat_hf.train with every distiller lowers the training loss over 20 CPU steps on a tiny ResNet -> ConvNeXt
+"""pat_hf.cli.train with every distiller lowers the training loss over 20 CPU steps on a tiny ResNet -> ConvNeXt
 pair (a ViT trained from scratch barely moves in 20 steps, whatever the distiller)."""
 
 import json
 
 import pytest
 
-from pat_hf import train as pat_train
+from pat_hf.cli import train as pat_train
 from tests.helpers import tiny_run
 
 # Each distiller accepts only its own options: the small heads go to the distillers that have them.

@@ -63,7 +63,7 @@ def test_the_wheel_installs_and_trains_with_its_console_scripts_and_accelerate(t
          cwd=workdir, env=env)
     _run([str(python), "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "1",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-          "-m", "pat_hf.train", "--config", "smoke", "--output_dir", "by_accelerate", *TINY], cwd=workdir, env=env)
+          "-m", "pat_hf.cli.train", "--config", "smoke", "--output_dir", "by_accelerate", *TINY], cwd=workdir, env=env)
     for run in ("by_script", "by_accelerate"):
         accuracies = _accuracies(workdir / run / "student")
         assert set(accuracies) == {"accuracy", "top_5_accuracy"}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pat_hf.models import create_model
+from pat_hf.models.factory import create_model
 
 torch.set_num_threads(1)
 

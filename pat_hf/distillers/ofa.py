@@ -28,10 +28,10 @@ from pat_hf.distillers.base import (
     hard_labels,
     register_distiller,
 )
+from pat_hf.models.stages.plan import NUM_STAGES
 from pat_hf.modules.branch_heads import MapBranchHead, TokenBranchHead
 from pat_hf.modules.projectors import init_weights
 from pat_hf.modules.token_grid import FeatureGrid
-from pat_hf.stages import NUM_STAGES
 
 # The resolution of a standard last stage, relative to the input (7 at 224 pixels).
 LAST_STAGE_STRIDE = 32

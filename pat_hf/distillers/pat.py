@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from pat_hf.distillers.base import Distiller, check_stage_selection, kd_loss, register_distiller
+from pat_hf.models.stages.layer import StageLayer
+from pat_hf.models.stages.plan import NUM_STAGES
 from pat_hf.modules.hcl import hierarchical_context_loss
 from pat_hf.modules.projectors import build_projector
 from pat_hf.modules.prompt_block import PromptBlock
 from pat_hf.modules.quirks import PATQuirks
 from pat_hf.modules.region_attention import RegionAttention, check_region_attention
 from pat_hf.modules.token_grid import FeatureGrid
-from pat_hf.stages import NUM_STAGES, StageLayer
 
 QUIRKS_OF_MODE = {"reference": PATQuirks.all(True), "corrected": PATQuirks.all(False)}
 PAT_MODES = tuple(QUIRKS_OF_MODE)

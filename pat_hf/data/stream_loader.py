@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from transformers import TrainingArguments
 from transformers.trainer_utils import seed_worker
 
-from pat_hf.data import StreamedTrainingSet
+from pat_hf.data.streaming import StreamedTrainingSet
 
 
 def streamed_training_loader(stream: StreamedTrainingSet, batch_size: int, collate: Callable,

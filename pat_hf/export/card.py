@@ -1,26 +1,17 @@
-"""Exporting the distilled student in timm's Hub format with a model card, and pushing it to the Hub.
-
-The folder holds `config.json`, `model.safetensors`, `README.md` (a model card whose metadata the Hub reads:
-library, task, dataset, base model and a model-index with top-1/top-5) and `training_curves.png`. It loads with
-`timm.create_model("local-dir:DIR", pretrained=True)`, with transformers' `AutoModelForImageClassification`
-(as a `TimmWrapper` model) and with `pipeline("image-classification", model=DIR)`, all with the same logits.
+"""The model card of an exported student: metadata the Hub reads (library, task, dataset, base model, a
+model-index with top-1/top-5), the teacher, the distiller's settings, curves and usage snippets.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from timm.models import save_for_hf
-from torch import nn
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from pat_hf.atomic import cleaned_up_on_failure, partial_path, publish_folder
-from pat_hf.curves import TRAINING_CURVES_FILE, write_training_curves
+from pat_hf.export.curves import TRAINING_CURVES_FILE
 
 PROJECT_URL = "https://github.com/pat-hf/pat-hf"
 LICENSE = "apache-2.0"
@@ -35,10 +26,6 @@ CITATION = """@article{lin2025pat,
 }"""
 # eval_top1, eval_ema_top5, eval_ema1_top1, ...: the raw student's and each EMA student's accuracies.
 _ACCURACY_KEY = re.compile(r"^eval_(?:(?P<ema>ema\d*)_)?top(?P<k>[15])$")
-
-
-class HubPushError(RuntimeError):
-    """The Hub refused to create, or to let us write to, the student's repository."""
 
 
 @dataclass
@@ -215,81 +202,3 @@ def with_repo_usage(card: ModelCard, repo_id: str) -> ModelCard:
     card.text = before + usage_section(repo_id, local=False) + (after[following:] if following >= 0 else "")
     card.data.model_name = repo_id.split("/")[-1]
     return card
-
-
-def _clean_config(config: dict[str, Any], pretrained: bool) -> dict[str, Any]:
-    config.get("model_args", {}).pop("num_classes", None)
-    if not pretrained:
-        # timm's default pretrained tag (e.g. `r160_in1k`) and its license describe weights this student never had.
-        for key in ("tag", "license"):
-            config.get("pretrained_cfg", {}).pop(key, None)
-    return config
-
-
-def export_student(student: nn.Module, directory: str | Path, *, model_kwargs: dict[str, Any],
-                   data_config: dict[str, Any], class_names: list[str] | None, card: ModelCardInfo,
-                   pretrained: bool = False, summary_csv: str | Path | None = None) -> Path:
-    """Write the student alone in timm's Hub format, its model card and its training curves (from the run's
-    summary.csv); the folder appears complete or not at all."""
-    directory = Path(directory)
-    staging = partial_path(directory)
-    shutil.rmtree(staging, ignore_errors=True)
-    model_config = {"label_names": class_names} if class_names else None
-    # transformers' TimmWrapper passes num_classes itself: a second copy in model_args makes it fail.
-    model_args = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
-    with cleaned_up_on_failure(staging):  # a full disk leaves no half-written export behind
-        save_for_hf(student, staging, model_config=model_config, model_args=model_args, safe_serialization=True,
-                    data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
-                                                             "crop_pct")})
-        config_path = staging / "config.json"
-        config_path.write_text(json.dumps(_clean_config(json.loads(config_path.read_text()), pretrained), indent=2))
-        model_name = directory.resolve().parent.name
-        curves = summary_csv and write_training_curves(summary_csv, staging / TRAINING_CURVES_FILE,
-                                                       title=f"{model_name}: {card.distiller}")
-        model_card(card, model_name, str(directory.resolve()), local=True, with_curves=bool(curves)).save(
-            staging / "README.md")
-        publish_folder(staging, directory)
-    return directory
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def prepare_repo(repo_id: str, *, private: bool | None = None, token: str | None = None,
-                 revision: str | None = None) -> str:
-    """Create the model repository (and branch) if missing and check that the token may write to it, before
-    any training; returns the repository id the Hub resolved (`RepoUrl.repo_id`)."""
-    api = HfApi(token=token)
-    try:
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        api.auth_check(repo_id, write=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-    except (OSError, ValueError) as error:  # HTTP errors, no token, offline mode, a malformed repo id
-        raise HubPushError(f"cannot push to the Hub repository {repo_id!r}: {_first_line(error)} (log in with "
-                           f"`hf auth login` or pass --hub_token with a write token, and check --hub_model_id)"
-                           ) from None
-    return repo_id
-
-
-def commit_message(card: ModelCard) -> str:
-    """`<student> distilled from <teacher> with <distiller> (top-1 X on DATASET)`, from the card's metadata."""
-    run = card.data.get(CARD_RUN_KEY) or {}
-    top1 = next((r for r in card.data.eval_results or [] if r.metric_type == "accuracy"), None)
-    score = f" (top-1 {top1.metric_value:.2f} on {top1.dataset_name})" if top1 else ""
-    return (f"Add {run.get('student', 'student')} distilled from {run.get('teacher') or 'no teacher'} "
-            f"with {run.get('distiller', 'pat-hf')}{score}")
-
-
-def push_student(directory: str | Path, repo_id: str, *, token: str | None = None, revision: str | None = None,
-                 create_pr: bool = False) -> str:
-    """Upload an exported student folder (not a training checkpoint) to a prepared Hub repository; its card's
-    usage snippets are rewritten for `repo_id` first. Returns the commit's (or the pull request's) URL."""
-    readme = Path(directory) / "README.md"
-    card = with_repo_usage(ModelCard.load(readme), repo_id)
-    card.save(readme)
-    commit = HfApi(token=token).upload_folder(
-        repo_id=repo_id, folder_path=str(directory), commit_message=commit_message(card), revision=revision,
-        create_pr=create_pr)
-    return commit.pr_url or commit.commit_url

@@ -20,7 +20,6 @@ from timm.scheduler.scheduler import Scheduler
 
 # timm schedules that are a function of the epoch (or update) alone; plateau needs the eval metric and
 # multistep a milestone list, neither of which the reference's configs use.
-SCHEDULERS = ("cosine", "step", "tanh", "poly", "constant")
 
 
 def create_timm_optimizer(model: torch.nn.Module, recipe: Any, lr: float,

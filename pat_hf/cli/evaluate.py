@@ -1,8 +1,8 @@
 """Top-1/top-5 of a distilled student on a dataset split (the reference's validate.py).
 
-    python -m pat_hf.evaluate OUTPUT_DIR/student                   # an exported student
-    python -m pat_hf.evaluate OUTPUT_DIR/checkpoint-N [--use-ema]  # a training checkpoint (raw or EMA student)
-    python -m pat_hf.evaluate PATH --dataset cifar100 --val-split test --json result.json
+    python -m pat_hf.cli.evaluate OUTPUT_DIR/student                   # an exported student
+    python -m pat_hf.cli.evaluate OUTPUT_DIR/checkpoint-N [--use-ema]  # a training checkpoint (raw or EMA student)
+    python -m pat_hf.cli.evaluate PATH --dataset cifar100 --val-split test --json result.json
 
 The data flags are the training ones (see run_distill.py --help). Their defaults are the values the run used,
 read from OUTPUT_DIR/args.yaml next to the student or checkpoint, so the evaluation sees the same data and
@@ -27,17 +27,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from pat_hf.arguments import DataArguments, DistillTrainingArguments
-from pat_hf.data import (
-    attach_transform,
-    build_transforms,
-    collate,
-    load_splits,
-    num_classes_of,
-    resolve_data_config_for,
-)
+from pat_hf.config.arguments import DataArguments, DistillTrainingArguments
+from pat_hf.data.examples import attach_transform
+from pat_hf.data.labels import num_classes_of
+from pat_hf.data.sources import load_splits
+from pat_hf.data.transforms import build_transforms, collate, resolve_data_config_for
 from pat_hf.metrics import load_topk_accuracy, top_k_indices
-from pat_hf.models import create_model
+from pat_hf.models.factory import create_model
 
 STUDENT_PREFIX = "student."
 

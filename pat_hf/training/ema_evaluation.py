@@ -5,8 +5,8 @@ from __future__ import annotations
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
-from pat_hf.attributes import temporarily
-from pat_hf.callbacks import ModelEmaCallback
+from pat_hf.training.attributes import temporarily
+from pat_hf.training.callbacks import ModelEmaCallback
 
 
 class EmaEvaluationTrainer(Trainer):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from pat_hf.atomic import PARTIAL_SUFFIX
-from pat_hf.checkpoints import COMPLETE_MARKER
+from pat_hf.training.atomic import PARTIAL_SUFFIX
+from pat_hf.training.checkpoints import COMPLETE_MARKER
 
 # What a run writes at the top of its output folder (besides checkpoint-N and *.partial leftovers).
 RUN_FILES = ("args.yaml", "trainer_state.json", "summary.csv", "train_results.json", "eval_results.json",

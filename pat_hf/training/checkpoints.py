@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from pat_hf.atomic import partial_path, publish_folder, write_text_atomically
+from pat_hf.training.atomic import partial_path, publish_folder, write_text_atomically
 
 COMPLETE_MARKER = "pat_hf_checkpoint.json"
 PROCESS_STATE_FILE = "distiller_state_rank{rank}.safetensors"

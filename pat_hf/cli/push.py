@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pat_hf.hub import HubPushError, prepare_repo, push_student
+from pat_hf.export.hub import HubPushError, prepare_repo, push_student
 
 EXPORTED_FILES = ("config.json", "model.safetensors", "README.md")
 

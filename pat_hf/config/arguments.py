@@ -1,33 +1,23 @@
-"""Command-line and YAML arguments: dataclasses parsed by `HfArgumentParser` with `TrainingArguments`.
+"""The run's settings as dataclasses, parsed by `HfArgumentParser` (pat_hf/config/parser.py).
 
 The reference's flag names work (`--batch-size`, `--lr`, `--epochs`, `--clip-grad`, ...) next to HF's own
-(`--output_dir`, `--logging_steps`, ...). `--config FILE.yaml` supplies defaults that flags override, and its
-keys are the reference's (`batch_size`, `lr`, `weight_decay`, ...) or ours; an unknown key is an error.
+(`--output_dir`, `--logging_steps`, ...). Each dataclass checks its own values; none of them starts anything.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
 import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from timm.optim import list_optimizers
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
-from pat_hf.distillers import DISTILLERS, DistillArguments, Distiller, get_distiller_class
-from pat_hf.overridden_flags import reject_overridden_flags
-from pat_hf.schedule import SCHEDULERS
-
-BASE_KEY = "base"
-PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+SCHEDULERS = ("cosine", "step", "tanh", "poly", "constant")
 
 
 def _help(text: str, *aliases: str) -> dict:
@@ -118,6 +108,17 @@ class DataArguments:
             raise ValueError("--samples-per-epoch is for --streaming runs; use --max-train-samples for a subset")
         if self.shuffle_buffer_size < 1:
             raise ValueError(f"--shuffle-buffer-size must be at least 1, got {self.shuffle_buffer_size}")
+
+
+@dataclass
+class DistillArguments:
+    """Hyper-parameters shared by every distiller (the reference's names)."""
+
+    # The choices are listed from the registry when the parser is built (pat_hf/config/parser.py).
+    distiller: str = field(default="ofa", metadata={"help": "distillation method"})
+    gt_loss_weight: float = field(default=1.0, metadata={"help": "weight of the ground-truth (CE) term"})
+    kd_loss_weight: float = field(default=1.0, metadata={"help": "weight of the logit distillation term"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD term"})
 
 
 @dataclass
@@ -333,201 +334,3 @@ def _json_dict(value: Any, flag: str) -> dict:
     if not isinstance(parsed, dict):
         raise ValueError(f"{flag} must be a JSON object, got {value!r}")
     return parsed
-
-
-def _dataclass_types(distiller_cls: type[Distiller]) -> list[type]:
-    """The sections a run of `distiller_cls` parses: the shared ones and that distiller's own hyper-parameters."""
-    own = [distiller_cls.Arguments] if distiller_cls.Arguments is not None else []
-    return [ModelArguments, DataArguments, RecipeArguments, DistillArguments, *own, DistillTrainingArguments]
-
-
-def _key_names(f: dataclasses.Field) -> list[str]:
-    """The names a YAML key may use for a field: its name and its `--` aliases, in underscores."""
-    return [f.name, *(alias[2:].replace("-", "_") for alias in f.metadata.get("aliases", [])
-                      if alias.startswith("--"))]
-
-
-def _key_to_dest(types: list[type]) -> dict[str, str]:
-    """Every name a YAML key may use (field names, dashed names, aliases) -> the field it sets."""
-    return {name: f.name for dataclass_type in types for f in dataclasses.fields(dataclass_type) if f.init
-            for name in _key_names(f)}
-
-
-def _owners_of_other_options(distiller_cls: type[Distiller]) -> dict[str, str]:
-    """Option names (YAML keys in underscores, flags as typed) of the other distillers -> the distiller's name."""
-    owners = {}
-    for name, cls in DISTILLERS.items():
-        if cls.Arguments is None or cls.Arguments is distiller_cls.Arguments:
-            continue
-        for f in dataclasses.fields(cls.Arguments):
-            for key in _key_names(f):
-                owners |= {key: name, f"--{key}": name, f"--{key.replace('_', '-')}": name,
-                           f"--no_{key}": name, f"--no-{key.replace('_', '-')}": name}
-    return owners
-
-
-def _belongs_elsewhere(option: str, owner: str, distiller: str) -> str:
-    return f"{option} belongs to --distiller {owner}, not {distiller}"
-
-
-def packaged_config_names() -> list[str]:
-    return sorted(str(p.relative_to(PACKAGED_CONFIGS).with_suffix("")) for p in PACKAGED_CONFIGS.rglob("*.yaml"))
-
-
-def resolve_config_path(path: str) -> Path:
-    """A YAML file, or the name of a config shipped inside the package (`cifar/cnn`, `smoke`,
-    `configs/cifar/cnn.yaml`), so that a pip-installed pat-hf finds its recipes from any directory."""
-    if Path(path).is_file():
-        return Path(path)
-    name = path.removeprefix("configs/")
-    packaged = PACKAGED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if packaged.is_file():
-        return packaged
-    raise FileNotFoundError(f"config not found: {path} is neither a file nor a shipped config "
-                            f"(e.g. {', '.join(packaged_config_names()[:4])}; see pat_hf/configs)")
-
-
-def _config_chain(path: str, _included_from: tuple[Path, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
-    """(file, its keys) of a YAML file and the files it extends through `base: OTHER.yaml` (relative to the
-    file; bases may chain), the farthest base first."""
-    config_path = resolve_config_path(path) if not _included_from else Path(path)
-    if not config_path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    config = yaml.safe_load(config_path.read_text()) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value")
-    base = config.pop(BASE_KEY, None)
-    if base is None:
-        return [(path, config)]
-    chain = (*_included_from, config_path.resolve())
-    base_path = (config_path.parent / str(base)).resolve()
-    if base_path in chain:
-        raise ValueError(f"{path}: 'base: {base}' includes a file that includes it")
-    return [*_config_chain(str(base_path), chain), (path, config)]
-
-
-def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, tuple[str, Any]]:
-    """The defaults a YAML file sets, by field name, as (key as written, value), its own keys overriding its
-    bases'. `distiller`: the run's, to name the distiller a key of another one belongs to."""
-    destinations = _key_to_dest(types)
-    others = _owners_of_other_options(get_distiller_class(distiller)) if distiller else {}
-    defaults = {}
-    for file, config in _config_chain(path):
-        for key, value in config.items():
-            normalised = str(key).replace("-", "_")
-            if normalised in others:
-                raise ValueError(_belongs_elsewhere(f"key {key!r} in {file}", others[normalised], distiller))
-            if normalised not in destinations:
-                raise ValueError(f"unknown key {key!r} in {file}; run with --help for the accepted names")
-            defaults[destinations[normalised]] = (str(key), value)
-    return defaults
-
-
-def _typed_value(action: argparse.Action, value: Any) -> Any:
-    """`value` converted by the option's type as argparse converts a typed flag; TypeError/ValueError if it
-    cannot be."""
-    if value is None or action.type is None:
-        return value
-    if action.type is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
-        raise ValueError(value)
-    converted = action.type(value if isinstance(value, str) else str(value) if action.type is str else value)
-    if action.choices is not None and converted not in action.choices:
-        raise ValueError(value)
-    return converted
-
-
-def _typed_config_values(parser: HfArgumentParser, defaults: dict[str, tuple[str, Any]],
-                         config_path: str) -> dict[str, Any]:
-    """The YAML values with the types of their options: a value of the wrong type is an error naming its key,
-    before anything is built."""
-    actions = {action.dest: action for action in parser._actions}
-    typed = {}
-    for dest, (key, value) in defaults.items():
-        action = actions[dest]
-        takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
-        expected = {"string_to_bool": "true or false"}.get(getattr(action.type, "__name__", ""),
-                                                            getattr(action.type, "__name__", "a value"))
-        try:
-            if takes_list:
-                typed[dest] = [_typed_value(action, v) for v in (value if isinstance(value, list) else [value])]
-            elif isinstance(value, dict) and action.type is str:
-                typed[dest] = value  # a JSON-object option (--model-kwargs) given as a YAML mapping
-            elif isinstance(value, list | dict):
-                raise ValueError(value)
-            else:
-                typed[dest] = _typed_value(action, value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            what = f"a list of {expected}" if takes_list else expected
-            choices = f" (one of {', '.join(map(str, action.choices))})" if action.choices else ""
-            raise ValueError(f"{config_path}: {key} takes {what}{choices}, got {value!r}") from None
-    return typed
-
-
-def _distiller_name(argv: list[str]) -> str:
-    """The run's distiller, from --distiller or else --config, before anything else is parsed."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("-c", "--config", default="")
-    parser.add_argument("--distiller", default=None)
-    known = parser.parse_known_args(argv)[0]
-    if known.distiller is not None:
-        return known.distiller
-    from_config = [config["distiller"] for _, config in _config_chain(known.config) if "distiller" in config] \
-        if known.config else []
-    return from_config[-1] if from_config else DistillArguments.distiller
-
-
-def _set_mixed_precision(values: dict[str, Any]) -> None:
-    """--amp: fp16 (or --amp-dtype bfloat16) autocast on CUDA, bf16 autocast on the CPU."""
-    if values["amp_dtype"] not in ("float16", "bfloat16"):
-        raise ValueError(f"--amp-dtype must be float16 or bfloat16, got {values['amp_dtype']!r}")
-    on_cuda = torch.cuda.is_available() and not values["use_cpu"]
-    use_fp16 = on_cuda and values["amp_dtype"] == "float16"
-    values["fp16"], values["bf16"] = use_fp16, not use_fp16
-    if not on_cuda:
-        # TrainingArguments accepts bf16 without a GPU only when told to run on the CPU.
-        values["use_cpu"] = True
-
-
-class _OneLineErrorParser(HfArgumentParser):
-    """argparse's errors as one line on stderr (no usage block), exit status 2 as argparse's."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
-def _build_parser(types: list[type]) -> HfArgumentParser:
-    parser = _OneLineErrorParser(types, prog="pat-hf-train", epilog="Each distiller has options of its own: add "
-                                                                   "--distiller NAME to --help to list them.")
-    parser.add_argument("-c", "--config", default="", help="YAML file of default values (reference keys)")
-    parser._option_string_actions["--distiller"].help = f"distillation method: {' | '.join(DISTILLERS)}"
-    return parser
-
-
-def parse_arguments(argv: list[str] | None = None) -> RunArguments:
-    """Parse flags over YAML defaults over built-in defaults, as the reference's train.py does. The distiller
-    is found first: only its own hyper-parameters are accepted, and they are checked as they are parsed."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    reject_overridden_flags(argv)
-    distiller = _distiller_name(argv)
-    distiller_cls = get_distiller_class(distiller)
-    types = _dataclass_types(distiller_cls)
-    parser = _build_parser(types)
-    config_path = parser.parse_known_args(argv)[0].config
-    if config_path:
-        defaults = read_config(config_path, types, distiller)
-        if defaults.get("max_grad_norm", ("", 0))[1] is None:
-            defaults["max_grad_norm"] = (defaults["max_grad_norm"][0], 0.0)
-        parser.set_defaults(**_typed_config_values(parser, defaults, config_path))
-    namespace, unknown = parser.parse_known_args(argv)
-    if unknown:
-        others = _owners_of_other_options(distiller_cls)
-        for option in (arg.split("=", 1)[0] for arg in unknown):
-            if option in others:
-                parser.error(_belongs_elsewhere(option, others[option], distiller))
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    values = vars(namespace)
-    if values["amp"]:
-        _set_mixed_precision(values)
-    instances = [t(**{f.name: values[f.name] for f in dataclasses.fields(t) if f.init}) for t in types]
-    model, data, recipe, distill, *own, training = instances
-    return RunArguments(model, data, recipe, distill, own[0] if own else None, training)

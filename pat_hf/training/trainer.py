@@ -17,21 +17,22 @@ from typing import Any
 import torch
 from transformers.integrations import TensorBoardCallback
 
-from pat_hf import checkpoints
-from pat_hf.arguments import RecipeArguments
-from pat_hf.attributes import temporarily
-from pat_hf.callbacks import CheckpointStateCallback
-from pat_hf.data import SKIPPED_IMAGES, StreamedTrainingSet
+from pat_hf.config.arguments import RecipeArguments
+from pat_hf.data.decoding import SKIPPED_IMAGES
+from pat_hf.data.samplers import EpochRandomSampler, EpochSampler, InterleavedRepeatAugSampler
+from pat_hf.data.stream_loader import streamed_training_loader
+from pat_hf.data.streaming import StreamedTrainingSet
 from pat_hf.distillers import Distiller
-from pat_hf.ema_evaluation import EmaEvaluationTrainer
-from pat_hf.exact_resume import ExactResumeTrainer
-from pat_hf.loss_meters import TrainingMeters, write_summary_row
-from pat_hf.memory_format import MemoryFormat
-from pat_hf.nonfinite import NonFiniteLossGuard, NonFiniteStepSkipper, check_finite_state
-from pat_hf.samplers import EpochRandomSampler, EpochSampler, InterleavedRepeatAugSampler
-from pat_hf.schedule import TimmLRSchedule, create_timm_optimizer, create_timm_scheduler, training_epochs
-from pat_hf.staged_checkpoints import StagedCheckpointTrainer
-from pat_hf.stream_loader import streamed_training_loader
+from pat_hf.training import checkpoints
+from pat_hf.training.attributes import temporarily
+from pat_hf.training.callbacks import CheckpointStateCallback
+from pat_hf.training.ema_evaluation import EmaEvaluationTrainer
+from pat_hf.training.memory_format import MemoryFormat
+from pat_hf.training.meters import TrainingMeters, write_summary_row
+from pat_hf.training.nonfinite import NonFiniteLossGuard, NonFiniteStepSkipper, check_finite_state
+from pat_hf.training.resume import ExactResumeTrainer
+from pat_hf.training.schedule import TimmLRSchedule, create_timm_optimizer, create_timm_scheduler, training_epochs
+from pat_hf.training.staged_checkpoints import StagedCheckpointTrainer
 
 
 class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactResumeTrainer):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from pat_hf.atomic import write_text_atomically
+from pat_hf.training.atomic import write_text_atomically
 
 SUMMARY_FILE = "summary.csv"
 # Evaluation metrics that go into summary.csv: loss, top-1 and top-5 of the raw and of every EMA student.

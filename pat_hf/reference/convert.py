@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
-from pat_hf.models import create_model, read_state_dict, remap_legacy_keys
+from pat_hf.models.factory import create_model, read_state_dict, remap_legacy_keys
 from pat_hf.modules.grid_aligner import grids_are_multiples
 
 # (pattern, replacement) pairs applied in order to the keys of each distiller's reference state.
@@ -294,7 +294,7 @@ def convert_reference_checkpoint(whole: Mapping[str, torch.Tensor], distiller: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m pat_hf.reference CHECKPOINT --distiller NAME --model NAME --num-classes N --output DIR"""
+    """python -m pat_hf.reference.convert CHECKPOINT --distiller NAME --model NAME --num-classes N --output DIR"""
     parser = argparse.ArgumentParser(description="Convert a reference (OFA-KD/PAT) training checkpoint: writes "
                                                  "DIR/student.safetensors (timm 1.x names, for --initial-checkpoint "
                                                  "or evaluation) and DIR/distiller.safetensors (pat-hf names).")

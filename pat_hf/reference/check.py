@@ -1,6 +1,6 @@
 """Check a distiller against a fixture computed by the reference implementation.
 
-    python -m pat_hf.reference_check PATH/NAME.safetensors [--distiller NAME]
+    python -m pat_hf.reference.check PATH/NAME.safetensors [--distiller NAME]
 
 Reads NAME.json beside the weights (models, kwargs, hyper-parameters in the reference's names, and what the
 reference computed), builds the pair, loads the converted reference state, runs two training-mode forwards
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
-from pat_hf.models import create_model
-from pat_hf.reference import (
+from pat_hf.models.factory import create_model
+from pat_hf.reference.convert import (
     REFERENCE_MODULE_NAMES,
     load_reference_distiller_state,
     load_reference_model_weights,

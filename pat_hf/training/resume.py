@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from pat_hf.checkpoints import restore_rng, rng_snapshot
-from pat_hf.data import RESUME_SKIPPED
-from pat_hf.samplers import EpochSampler
+from pat_hf.data.decoding import RESUME_SKIPPED
+from pat_hf.data.samplers import EpochSampler
+from pat_hf.training.checkpoints import restore_rng, rng_snapshot
 
 FETCH_RNG_FILE = "rng_state_fetch_rank{rank}.pth"
 

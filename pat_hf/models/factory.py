@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pat_hf.models.dry_run import dry_run
+
 # Besides tensors and plain values, timm CheckpointSaver files (OFA-KD/PAT teachers) hold the run's argparse
 # Namespace under "args"; that is the only class we let `weights_only` loading build.
 CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
@@ -92,7 +94,7 @@ def _build_for_size(name: str, num_classes: int, kwargs: dict[str, Any], pretrai
             if "'img_size'" not in str(error):
                 raise
             model = _build(name, num_classes, kwargs, pretrained)
-        _check_runs_at(model, height, width)
+        dry_run(model, (3, height, width))
     except (AssertionError, RuntimeError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{name} cannot run at an input size of {height}x{width} (--img-size): {message}") from None
@@ -100,16 +102,6 @@ def _build_for_size(name: str, num_classes: int, kwargs: dict[str, Any], pretrai
 
 
 @torch.no_grad()
-def _check_runs_at(model: nn.Module, height: int, width: int) -> None:
-    was_training = model.training
-    model.eval()
-    try:
-        parameter = next(model.parameters())
-        model(torch.zeros(1, 3, height, width, device=parameter.device, dtype=parameter.dtype))
-    finally:
-        model.train(was_training)
-
-
 def create_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None = None,
                  pretrained: bool = False, img_size: ImageSize | None = None) -> nn.Module:
     """`timm.create_model`, with a clear error for unknown names and overridable variant defaults.

@@ -16,9 +16,9 @@ from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from pat_hf import checkpoints
-from pat_hf.atomic import remove_stale_partials
-from pat_hf.attributes import instead_of_method, temporarily
+from pat_hf.training import checkpoints
+from pat_hf.training.atomic import remove_stale_partials
+from pat_hf.training.attributes import instead_of_method, temporarily
 
 
 class CheckpointWriteError(OSError):

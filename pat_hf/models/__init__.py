@@ -1,0 +1,1 @@
+"""Models: creating timm teachers and students (factory) and seeing any of them as four stages (stages)."""
