@@ -2,12 +2,10 @@
 
     accelerate launch run_distill.py --config configs/smoke.yaml --output_dir runs/smoke
 
-The same runs as `accelerate launch -m pat_hf.cli.train ...` or `pat-hf-train ...` from a pip install.
+The same runs as `accelerate launch -m pat_hf.train ...` or `pat-hf-train ...` from a pip install.
 """
 
-from pat_hf.cli.train import cli, main, shutdown
-
-__all__ = ["cli", "main", "shutdown"]
+from pat_hf.cli import train_command
 
 if __name__ == "__main__":
-    cli()
+    train_command()

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.reporting import describe_machine  # noqa: E402
 
-CONFIG = "digits"  # shipped with the package (pat_hf/configs/digits.yaml)
+CONFIG = "digits"  # shipped with the package (pat_hf/config/recipes/digits.yaml)
 TEACHER_EPOCHS = 6
 # Region attention narrowed to the demo's 32x32 images.
 PAT = ["--distiller", "pat", "--pat-raa-dim", "64", "--pat-raa-num-queries", "16"]

@@ -1,8 +1,6 @@
-"""`python -m pat_hf.train` and `accelerate launch -m pat_hf.train`: the training entry point, pat_hf/cli/train.py."""
+"""`python -m pat_hf.train` and `accelerate launch -m pat_hf.train`: the training command (pat_hf/cli/train.py)."""
 
-from pat_hf.cli.train import cli, main
-
-__all__ = ["cli", "main"]
+from pat_hf.cli import train_command
 
 if __name__ == "__main__":
-    cli()
+    train_command()

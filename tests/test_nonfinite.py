@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from pat_hf.cli import failures
 from pat_hf.cli import train as pat_train
 from pat_hf.training.checkpoints import COMPLETE_MARKER, checkpoint_folders
 from pat_hf.training.meters import TrainingMeters
@@ -101,7 +102,7 @@ def test_a_nan_step_stops_the_run_before_anything_of_it_is_saved(tmp_path):
     output = tmp_path / "run"
     with pytest.raises(NonFiniteError) as error:
         pat_train.main(run_argv(output), callbacks=[PoisonSteps({3})])
-    line = pat_train.error_line(error.value)
+    line = failures.error_line(error.value)
     assert line.startswith("the training loss is not finite at step 3: loss_gt is nan (loss_gt nan, loss nan); "
                            "the run stopped and saved nothing from that step on")
     assert "Lower --lr (now 0.001)" in line and "--skip-nonfinite-steps N" in line

@@ -16,6 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from pat_hf.cli import failures
 from pat_hf.cli import train as pat_train
 from pat_hf.training.checkpoints import COMPLETE_MARKER, checkpoint_folders, latest_complete_checkpoint
 from pat_hf.training.staged_checkpoints import CheckpointWriteError
@@ -135,7 +136,7 @@ def test_a_full_disk_mid_save_stops_in_one_line_and_the_run_resumes(tmp_path, mo
         fail_when_writing(patch, module, name, "checkpoint-4")
         with pytest.raises(CheckpointWriteError) as error:
             pat_train.main(student_run(full))
-    line = pat_train.error_line(error.value)
+    line = failures.error_line(error.value)
     assert line == (f"could not write {full / 'checkpoint-4'}: No space left on device; nothing of it was kept and "
                     f"the earlier checkpoints are intact: free space (or restore write access) and continue with "
                     f"--resume")
@@ -151,7 +152,7 @@ def test_a_full_disk_during_the_export_leaves_no_half_written_student(tmp_path, 
     fail_when_writing(monkeypatch, safetensors.torch, "save_file", "student.partial")
     with pytest.raises(OSError) as error:
         pat_train.main(student_run(output))
-    assert pat_train.error_line(error.value) == (
+    assert failures.error_line(error.value) == (
         f"could not write the student to {output / 'student'}: No space left on device; nothing of it was kept and "
         f"the checkpoints are intact: free space (or restore write access) and export it with --resume")
     assert not (output / "student").exists() and not list(output.glob("*.partial"))

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+from pat_hf.cli import evaluate_command
 from pat_hf.config.arguments import DataArguments, DistillTrainingArguments
 from pat_hf.data.examples import attach_transform
 from pat_hf.data.labels import num_classes_of
@@ -157,4 +158,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    evaluate_command()

@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pat_hf.export.hub import HubPushError, prepare_repo, push_student
+from pat_hf.cli import push_command
+from pat_hf.export.hub import prepare_repo, push_student
 
 EXPORTED_FILES = ("config.json", "model.safetensors", "README.md")
 
@@ -41,13 +42,5 @@ def main(argv: list[str] | None = None) -> str:
     return url
 
 
-def cli() -> None:
-    """The `pat-hf-push` console script: a refused push is one line on stderr and exit status 1."""
-    try:
-        main()
-    except HubPushError as error:
-        raise SystemExit(f"pat-hf-push: {error}") from None
-
-
 if __name__ == "__main__":
-    cli()
+    push_command()

@@ -16,11 +16,11 @@ status 1; README.md, "Failure handling", says what each fault leaves behind.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
 import sys
-import traceback
 from typing import Any
 
 import datasets
@@ -29,11 +29,13 @@ import transformers
 import yaml
 from transformers import TrainerCallback, set_seed
 
-from pat_hf.config.arguments import DataArguments, RunArguments
-from pat_hf.config.parser import parse_arguments
+from pat_hf.cli import train_command
+from pat_hf.config.arguments import RunArguments
+from pat_hf.config.parser import read_command_line
 from pat_hf.data.examples import attach_transform, training_set
 from pat_hf.data.labels import check_labels, class_names_of, resolve_num_classes, train_labels_of
-from pat_hf.data.sources import DatasetSource, load_splits
+from pat_hf.data.samplers import check_aug_repeats
+from pat_hf.data.sources import load_splits
 from pat_hf.data.transforms import (
     MixupCollator,
     build_criterion,
@@ -44,8 +46,8 @@ from pat_hf.data.transforms import (
     resolve_data_config_for,
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
-from pat_hf.export.card import ModelCardInfo
-from pat_hf.export.hub import HubPushError, prepare_repo, push_student
+from pat_hf.export.card import run_card_info
+from pat_hf.export.hub import prepare_push, push_student
 from pat_hf.export.student import export_student
 from pat_hf.metrics import TopkMetrics, top_k_indices
 from pat_hf.models.factory import create_model, create_teacher, exported_model_kwargs, load_weights, require_file
@@ -55,17 +57,13 @@ from pat_hf.training.checkpoints import check_resumable, file_sha256, latest_com
 from pat_hf.training.host_memory import keep_freed_host_memory
 from pat_hf.training.memory_format import MemoryFormat
 from pat_hf.training.meters import SUMMARY_FILE
-from pat_hf.training.nonfinite import NonFiniteError, check_finite_state
+from pat_hf.training.nonfinite import check_finite_state
 from pat_hf.training.run_dir import check_output_dir, clear_run
 from pat_hf.training.schedule import training_epochs
 from pat_hf.training.trainer import DistillationTrainer
 
 logger = logging.getLogger("pat_hf")
 PROG = "pat-hf-train"
-
-# timm optimizers that take --momentum.
-MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "lars")
-
 
 def setup_logging(args: RunArguments) -> None:
     level = args.training.get_process_log_level()
@@ -132,68 +130,29 @@ def start_output_dir(args: RunArguments) -> None:
                                   yaml.safe_dump(args.as_dict(), sort_keys=False))
 
 
-def prepare_push(args: RunArguments) -> str | None:
-    """With --push-to-hub: the Hub repository, created and checked for write access before any training."""
-    training = args.training
-    if not training.push_student_to_hub or training.process_index != 0:
-        return None
-    repo_id = training.hub_model_id or os.path.basename(os.path.normpath(training.output_dir))
-    return prepare_repo(repo_id, private=training.hub_private_repo, token=training.hub_token,
-                        revision=training.hub_revision)
-
-
-def dataset_card_name(data: DataArguments, source: DatasetSource | None) -> str:
-    """The dataset as the model card names it: its Hub id, or a local folder's name."""
-    if source:
-        return source.path
-    local = data.data_dir or (data.dataset if os.path.isdir(data.dataset) else None)
-    return os.path.basename(os.path.normpath(local)) if local else data.dataset
-
-
-def evaluated_split(eval_set: datasets.Dataset, data: DataArguments, source: DatasetSource | None) -> str | None:
-    return data.val_split or (str(eval_set.split) if eval_set.split else None) or (source and source.eval_split)
-
-
-def distiller_settings(args: RunArguments, distiller_cls: type) -> dict[str, Any]:
-    """The distillation hyper-parameters of this run's distiller (a teacher-less one has no KD weight)."""
-    settings = {k: v for k, v in args.distiller_hyperparameters().items() if k != "distiller"}
-    if not distiller_cls.requires_teacher:
-        settings = {k: v for k, v in settings.items() if not k.startswith("kd_")}
-    return settings
-
-
-def recipe_settings(args: RunArguments) -> dict[str, Any]:
-    """The recipe values that shaped this run: a step schedule's decay only with --sched step, EMA decays
-    only with --model-ema, ...; switches that are off and unset values are left out."""
-    recipe = args.recipe
-    unused = {"resume"}
-    if recipe.sched != "step":
-        unused.add("decay_epochs")
-    if recipe.sched not in ("step", "poly"):  # poly's power is --decay-rate
-        unused.add("decay_rate")
-    if not recipe.model_ema:
-        unused.update({"model_ema_decay", "export_ema"})
-    if not recipe.amp:
-        unused.add("amp_dtype")
-    if not any(name in recipe.opt for name in MOMENTUM_OPTIMIZERS):
-        unused.add("momentum")
-    return {k: v for k, v in args.recipe_summary().items()
-            if k not in unused and v is not None and v is not False and v != []}
+def start_cpu_process_group(values: dict[str, Any]) -> None:
+    """A distributed run on CPUs: start the gloo process group with --ddp_timeout before transformers sets up the
+    devices, which would start it with torch's default of 30 minutes (it hands the timeout on GPUs only)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    on_cpu = values.get("use_cpu") or not torch.cuda.is_available()
+    if distributed and on_cpu and torch.distributed.is_available() and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=values["ddp_timeout"]))
 
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict[str, float]:
     """Train, evaluate and export; `callbacks` are extra TrainerCallbacks. Returns the final eval metrics."""
-    args = parse_arguments(argv)
+    command_line = read_command_line(argv)
+    start_cpu_process_group(command_line.values)
+    args = command_line.build()
     setup_logging(args)
     keep_freed_host_memory()
     set_seed(args.training.seed)
-    if args.data.aug_repeats and args.training.world_size < 2:
-        raise ValueError("--aug-repeats needs a distributed run (as in the reference): launch several processes")
+    check_aug_repeats(args.data.aug_repeats, args.training.world_size)
     check_output_dir(args.training.output_dir, resume=args.recipe.resume or bool(args.training.resume_from_checkpoint),
                      overwrite=args.training.overwrite_output_dir)
     identity = args.run_identity(teacher_weights_id(args))
     resume_from = find_resume_checkpoint(args, identity)
-    hub_repo = prepare_push(args)
+    hub_repo = prepare_push(args.training)
 
     distiller_cls = get_distiller_class(args.distill.distiller)
     indexed_data = distiller_cls.needs_train_labels or "index" in distiller_cls.batch_keys
@@ -260,13 +219,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     trainer.save_metrics("eval", metrics)
 
     if trainer.is_world_process_zero():
-        card = ModelCardInfo(
-            student=args.model.model, teacher=args.model.teacher, teacher_weights=args.model.teacher_pretrained,
-            distiller=args.distill.distiller, dataset=dataset_card_name(args.data, source),
-            eval_split=evaluated_split(eval_set, args.data, source), dataset_config=args.data.dataset_config_name,
-            num_classes=num_classes, input_size=tuple(data_config["input_size"]),
-            exported_ema=args.recipe.export_ema, distiller_settings=distiller_settings(args, distiller_cls),
-            recipe=recipe_settings(args), metrics=metrics)
+        card = run_card_info(args, distiller_cls, source, eval_set, num_classes, data_config, metrics)
         exported = memory_format.for_export(ema.named_models()[0][1] if args.recipe.export_ema else distiller.student)
         check_finite_state(exported.state_dict(), "the student")
         student_dir = os.path.join(args.training.output_dir, "student")
@@ -288,74 +241,6 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     return metrics
 
 
-def shutdown() -> None:
-    """Leave without running interpreter teardown under torch.distributed: CPU/gloo processes otherwise abort
-    there about one run in five ("terminate called without an active exception") after all work is done."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(0)
-
-
-def error_line(error: BaseException) -> str:
-    """An error as the one line pat-hf-train prints: our own errors say what is wrong and what to do; another
-    kind is named, with the way to its traceback."""
-    message = " ".join(str(error).split()) or repr(error)
-    if isinstance(error, ValueError | OSError | NonFiniteError | HubPushError):
-        return message[:2000]
-    return f"{type(error).__name__}: {message[:2000]} (--debug shows the traceback)"
-
-
-def _distributed_rank() -> int | None:
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if initialized and torch.distributed.get_world_size() > 1 else None
-
-
-def distributed_error_line(error: BaseException, rank: int) -> str:
-    """One process's error in a distributed run, named by its rank; a collective that timed out is the
-    symptom of another process that failed or hung, whose own error (if any) is on its own line."""
-    if isinstance(error, RuntimeError) and any(word in str(error).lower() for word in ("timed out", "timeout")):
-        return (f"process {rank}: no answer from the other processes within --ddp_timeout (one of them failed or "
-                f"hung): {error_line(error)}")
-    return f"process {rank}: {error_line(error)}"
-
-
-def _wants_traceback(argv: list[str]) -> bool:
-    return any(arg == "--debug" or arg.split("=", 1) in (["--debug", v] for v in ("true", "True", "1", "yes"))
-               for arg in argv)
-
-
-def _exit(status: int, message: str | None = None) -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Tearing down with the process group alive can hang or abort; the other processes see this one leave.
-        if message:
-            print(message, file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(status)
-    raise SystemExit(message or status)  # a message: printed on stderr, status 1
-
-
 def cli(argv: list[str] | None = None) -> None:
-    """The `pat-hf-train` console script: an error is one line on stderr and exit status 1 (argument errors:
-    status 2); --debug on the command line prints the traceback instead."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        main(argv)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with --resume from the last complete checkpoint", file=sys.stderr)
-        _exit(130)
-    except Exception as error:  # every failure ends in one line, not a traceback
-        if _wants_traceback(argv):
-            traceback.print_exc()
-            _exit(1)
-        rank = _distributed_rank()
-        _exit(1, f"{PROG}: {error_line(error) if rank is None else distributed_error_line(error, rank)}")
-    shutdown()
-
-
-if __name__ == "__main__":
-    cli()
+    """`pat-hf-train`: `main` under the failure contract of pat_hf/cli/failures.py."""
+    train_command(argv)

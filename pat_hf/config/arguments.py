@@ -7,7 +7,6 @@ The reference's flag names work (`--batch-size`, `--lr`, `--epochs`, `--clip-gra
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 from dataclasses import dataclass, field
@@ -176,7 +175,7 @@ def auto_num_workers(on_gpu: bool = True) -> int:
     """Data workers per process. With a GPU: the CPU cores this process may use, shared by the training
     processes of this machine, less one for the process itself, at most MAX_AUTO_WORKERS (more rarely pays off).
     Training on the CPU: none, as the training process's own threads already use every core (a worker would
-    only take cores from it; measured on 2 cores, tiny runs take half as long again with one)."""
+    only take cores from it: README.md, Performance)."""
     if not on_gpu:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -219,22 +218,25 @@ class DistillTrainingArguments(TrainingArguments):
     hub_create_pr: bool = field(default=False, metadata=_help("push the student as a pull request", "--hub-create-pr"))
     overwrite_output_dir: bool = field(default=False, metadata=_help(
         "replace the run already in --output_dir (its checkpoints, student and logs are deleted)"))
-    # A NaN loss stops the run (pat_hf/nonfinite.py); transformers' filter would log it as an earlier mean and
+    # A NaN loss stops the run (pat_hf/training/nonfinite.py); transformers' filter would log it as an earlier mean and
     # read the loss on the host every step.
     logging_nan_inf_filter: bool = field(default=False, metadata=_help("keep False: non-finite losses stop the run"))
     # A process that dies leaves the others waiting in a collective: end them after this long, not 30 minutes.
     ddp_timeout: int = field(default=600, metadata=_help("seconds a process waits for the others (distributed)"))
     # Ours, in place of transformers' --debug (underflow/overflow and TPU debugging, which pat-hf does not use).
+    # The command line's error handler reads it from argv (an error can come before parsing ends); here it is
+    # handed back to transformers as "no debug options".
     debug: bool = field(default=False, metadata=_help("show the full traceback of an error"))
+    # --push-to-hub publishes the exported student once training is done; the Trainer itself must not push
+    # checkpoints, so its push_to_hub is turned off and the request kept here.
+    push_student_to_hub: bool = field(default=False, init=False)
 
     def __post_init__(self):
-        self.show_traceback = bool(self.debug)
         self.debug = ""
         _check_positive("--batch-size", self.per_device_train_batch_size)
         _check_positive("--lr", self.learning_rate)
         if not self.max_steps or self.max_steps < 0:
             _check_positive("--epochs", self.num_train_epochs)
-        # Our --push-to-hub publishes the exported student; the Trainer must not push training checkpoints.
         self.push_student_to_hub = self.push_to_hub
         self.push_to_hub = False
         if self.label_names is None:
@@ -250,16 +252,7 @@ class DistillTrainingArguments(TrainingArguments):
         if self.dataloader_persistent_workers is None:
             self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         _check_positive("--ddp_timeout", self.ddp_timeout)
-        if self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            _start_cpu_process_group(self.ddp_timeout)
         super().__post_init__()
-
-
-def _start_cpu_process_group(timeout_seconds: int) -> None:
-    """transformers hands --ddp_timeout to the process group on GPUs only: start the CPU (gloo) group here with
-    it, before accelerate would start it with torch's default of 30 minutes."""
-    if torch.distributed.is_available() and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
 
 
 # Settings that a resumed run may change: they do not change what the student learns.
@@ -278,8 +271,8 @@ class RunArguments:
     training: DistillTrainingArguments
 
     def run_identity(self, teacher_weights: str | None = None) -> dict[str, Any]:
-        """What a checkpoint must share with the run that resumes it (pat_hf/checkpoints.py): the models and the
-        distiller, and every setting that changes what is trained, by its YAML key. `teacher_weights` names the
+        """What a checkpoint must share with the run that resumes it (pat_hf/training/checkpoints.py): the models and
+        the distiller, and every setting that changes what is trained, by its YAML key. `teacher_weights` names the
         teacher's weights by content (the sha256 of its file). The run's length, its logging, saving and
         evaluation schedule, and how it is run (workers, memory format, EMA copies) may change."""
         m, t = self.model, self.training

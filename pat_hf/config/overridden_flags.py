@@ -7,9 +7,7 @@ line or as a key of the --config YAML, is an error that names what to use instea
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import yaml
+from pat_hf.config.yaml_reader import config_chain
 
 _OPTIMIZER = "it trains with timm's optimizer"
 _SCHEDULE = "it follows timm's learning-rate schedule, stepped per epoch"
@@ -31,50 +29,20 @@ OVERRIDDEN_FLAGS: dict[str, tuple[str, str]] = {
     "hub_strategy": (_PUSH, "drop the flag"),
     "hub_always_push": (_PUSH, "drop the flag"),
 }
-_CONFIG_FLAGS = ("-c", "--config")
-_BASE_KEY = "base"
 
 
 def _normalised(name: str) -> str:
     return name.lstrip("-").split("=", 1)[0].replace("-", "_")
 
 
-def _config_argument(argv: list[str]) -> str | None:
-    for position, token in enumerate(argv):
-        if token in _CONFIG_FLAGS and position + 1 < len(argv):
-            return argv[position + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return None
-
-
-def _config_keys(path: Path) -> dict[str, Path]:
-    """Every key of a YAML config file and of the files it extends through `base:`, with the file setting it.
-    Shipped config names (not paths) and unreadable files are left to the config reader to resolve or reject."""
-    keys: dict[str, Path] = {}
-    seen: set[Path] = set()
-    while path.is_file() and path.resolve() not in seen:
-        seen.add(path.resolve())
-        config = yaml.safe_load(path.read_text())
-        if not isinstance(config, dict):
-            break
-        for key in config:
-            keys.setdefault(_normalised(str(key)), path)
-        base = config.get(_BASE_KEY)
-        if base is None:
-            break
-        path = path.parent / str(base)
-    return keys
-
-
-def reject_overridden_flags(argv: list[str]) -> None:
-    """Raise ValueError for the first TrainingArguments flag in `argv`, or key in its --config, that pat-hf
-    overrides with the reference's recipe."""
+def reject_overridden_flags(argv: list[str], config_path: str = "") -> None:
+    """Raise ValueError for the first TrainingArguments flag in `argv`, or key in the `config_path` YAML (a file
+    or a shipped recipe, with its `base:` chain), that pat-hf overrides with the reference's recipe."""
     given = {_normalised(token): f"--{_normalised(token)}" for token in argv if token.startswith("--")}
-    config = _config_argument(argv)
-    if config:
-        given.update({key: f"key {key!r} in {path}" for key, path in _config_keys(Path(config)).items()
-                      if key not in given})
+    if config_path:
+        for file, config in reversed(config_chain(config_path)):
+            given |= {_normalised(str(key)): f"key {key!r} in {file}" for key in config
+                      if _normalised(str(key)) not in given}
     for name, (why, instead) in OVERRIDDEN_FLAGS.items():
         if name in given:
             raise ValueError(f"{given[name]} is not used by pat-hf ({why}); {instead}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from pat_hf.config.arguments import (
     RunArguments,
 )
 from pat_hf.config.overridden_flags import reject_overridden_flags
-from pat_hf.config.yaml_reader import _config_chain
+from pat_hf.config.yaml_reader import CONFIG_FLAGS, config_argument, config_chain
 from pat_hf.distillers import DISTILLERS, DistillArguments, Distiller, get_distiller_class
 
 
@@ -68,7 +69,7 @@ def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, 
     destinations = _key_to_dest(types)
     others = _owners_of_other_options(get_distiller_class(distiller)) if distiller else {}
     defaults = {}
-    for file, config in _config_chain(path):
+    for file, config in config_chain(path):
         for key, value in config.items():
             normalised = str(key).replace("-", "_")
             if normalised in others:
@@ -119,16 +120,15 @@ def _typed_config_values(parser: HfArgumentParser, defaults: dict[str, tuple[str
     return typed
 
 
-def _distiller_name(argv: list[str]) -> str:
+def _distiller_name(argv: list[str], config_path: str) -> str:
     """The run's distiller, from --distiller or else --config, before anything else is parsed."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("-c", "--config", default="")
     parser.add_argument("--distiller", default=None)
-    known = parser.parse_known_args(argv)[0]
-    if known.distiller is not None:
-        return known.distiller
-    from_config = [config["distiller"] for _, config in _config_chain(known.config) if "distiller" in config] \
-        if known.config else []
+    given = parser.parse_known_args(argv)[0].distiller
+    if given is not None:
+        return given
+    from_config = [config["distiller"] for _, config in config_chain(config_path) if "distiller" in config] \
+        if config_path else []
     return from_config[-1] if from_config else DistillArguments.distiller
 
 
@@ -154,21 +154,38 @@ class _OneLineErrorParser(HfArgumentParser):
 def _build_parser(types: list[type]) -> HfArgumentParser:
     parser = _OneLineErrorParser(types, prog="pat-hf-train", epilog="Each distiller has options of its own: add "
                                                                    "--distiller NAME to --help to list them.")
-    parser.add_argument("-c", "--config", default="", help="YAML file of default values (reference keys)")
+    parser.add_argument(*CONFIG_FLAGS, default="", help="YAML file or shipped recipe name of default values "
+                                                     "(reference keys)")
     parser._option_string_actions["--distiller"].help = f"distillation method: {' | '.join(DISTILLERS)}"
     return parser
 
 
-def parse_arguments(argv: list[str] | None = None) -> RunArguments:
-    """Parse flags over YAML defaults over built-in defaults, as the reference's train.py does. The distiller
-    is found first: only its own hyper-parameters are accepted, and they are checked as they are parsed."""
+@dataclass
+class CommandLine:
+    """A command line read against its distiller's options, before any argument object is built."""
+
+    distiller_cls: type[Distiller]
+    types: list[type]
+    values: dict[str, Any]
+
+    def build(self) -> RunArguments:
+        """The argument objects. Building `TrainingArguments` sets up transformers' devices (and, in a
+        distributed run, its process group): a run that must shape that starts it before calling this."""
+        instances = [t(**{f.name: self.values[f.name] for f in dataclasses.fields(t) if f.init}) for t in self.types]
+        model, data, recipe, distill, *own, training = instances
+        return RunArguments(model, data, recipe, distill, own[0] if own else None, training)
+
+
+def read_command_line(argv: list[str] | None = None) -> CommandLine:
+    """Flags over YAML defaults over built-in defaults, as the reference's train.py reads them. The distiller is
+    found first: only its own hyper-parameters are accepted, and every value is checked as it is read."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    reject_overridden_flags(argv)
-    distiller = _distiller_name(argv)
+    config_path = config_argument(argv)
+    reject_overridden_flags(argv, config_path)
+    distiller = _distiller_name(argv, config_path)
     distiller_cls = get_distiller_class(distiller)
     types = _dataclass_types(distiller_cls)
     parser = _build_parser(types)
-    config_path = parser.parse_known_args(argv)[0].config
     if config_path:
         defaults = read_config(config_path, types, distiller)
         if defaults.get("max_grad_norm", ("", 0))[1] is None:
@@ -184,6 +201,9 @@ def parse_arguments(argv: list[str] | None = None) -> RunArguments:
     values = vars(namespace)
     if values["amp"]:
         _set_mixed_precision(values)
-    instances = [t(**{f.name: values[f.name] for f in dataclasses.fields(t) if f.init}) for t in types]
-    model, data, recipe, distill, *own, training = instances
-    return RunArguments(model, data, recipe, distill, own[0] if own else None, training)
+    return CommandLine(distiller_cls, types, values)
+
+
+def parse_arguments(argv: list[str] | None = None) -> RunArguments:
+    """The run's arguments from a command line (`read_command_line`, then `CommandLine.build`)."""
+    return read_command_line(argv).build()

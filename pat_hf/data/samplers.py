@@ -49,6 +49,12 @@ class EpochRandomSampler(EpochSampler):
         return self.num_samples
 
 
+def check_aug_repeats(num_repeats: int, num_processes: int) -> None:
+    """Repeated augmentation spreads an image's copies over processes, so it needs several (as in the reference)."""
+    if num_repeats and num_processes < 2:
+        raise ValueError("--aug-repeats needs a distributed run (as in the reference): launch several processes")
+
+
 class InterleavedRepeatAugSampler(EpochSampler):
     """Repeated augmentation (`--aug-repeats`, DeiT's RASampler) under accelerate's batch sharding.
 
@@ -59,8 +65,7 @@ class InterleavedRepeatAugSampler(EpochSampler):
 
     def __init__(self, dataset: Sized, num_replicas: int, batch_size: int, num_repeats: int = 3):
         super().__init__()
-        if num_replicas < 2:
-            raise ValueError("--aug-repeats needs a distributed run (as in the reference): launch several processes")
+        check_aug_repeats(num_repeats, num_replicas)
         self.per_rank = [RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, num_repeats=num_repeats)
                          for rank in range(num_replicas)]
         self.batch_size = batch_size

@@ -92,6 +92,11 @@ class Distiller(nn.Module):
     batch_keys: ClassVar[tuple[str, ...]] = ()
     # Whether the DistillContext must carry the training set's labels (CRD draws its negatives from them).
     needs_train_labels: ClassVar[bool] = False
+    # The reference's names for this distiller's modules: (pattern, replacement) pairs applied in order to the keys
+    # of its saved state (pat_hf/reference/convert.py), and our top-level module names -> the reference's, for
+    # reporting gradient norms by module (pat_hf/reference/check.py).
+    reference_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    reference_module_names: ClassVar[dict[str, str]] = {}
     # Tells the Trainer that `forward` returns a per-batch mean loss it must not rescale.
     accepts_loss_kwargs = False
 

@@ -26,6 +26,11 @@ def correlation_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor) -
 
 @register_distiller("correlation")
 class Correlation(Distiller):
+    reference_renames = (
+        (r"^embed_s\.linear\.", "embed_student."),
+        (r"^embed_t\.linear\.", "embed_teacher."),
+    )
+    reference_module_names = {"embed_student": "embed_s", "embed_teacher": "embed_t"}
     Arguments = CorrelationArguments
     requires_stages = True
 

@@ -47,6 +47,15 @@ def nce_contrast_loss(scores: torch.Tensor, num_examples: int) -> torch.Tensor:
 
 @register_distiller("crd")
 class CRD(Distiller):
+    reference_renames = (
+        # `contrast` is a ContrastMemory(feat_dim, N, K, T, momentum) called as contrast(e_s, e_t, index, ...):
+        # memory_v1 is updated with the student's embeddings, memory_v2 with the teacher's.
+        (r"^embed_s\.linear\.", "embed_student."),
+        (r"^embed_t\.linear\.", "embed_teacher."),
+        (r"^contrast\.memory_v1$", "memory.student_bank"),
+        (r"^contrast\.memory_v2$", "memory.teacher_bank"),
+    )
+    reference_module_names = {"embed_student": "embed_s", "embed_teacher": "embed_t", "memory": "contrast"}
     Arguments = CRDArguments
     requires_stages = True
     batch_keys = ("index",)

@@ -40,6 +40,7 @@ class FitNetArguments:
 
 @register_distiller("fitnet")
 class FitNet(Distiller):
+    reference_module_names = {"aligners": "projector"}
     Arguments = FitNetArguments
     requires_stages = True
 

@@ -68,6 +68,22 @@ def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target_
 
 @register_distiller("ofa")
 class OFA(Distiller):
+    reference_renames = (
+        # Map heads: `projector.<stage>.<block>.op.<layer>` separable downsampling blocks.
+        (r"^projector\.(\d+)\.(\d+)\.op\.0\.", r"branch_heads.\1.features.\2.downsample_dw."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.1\.", r"branch_heads.\1.features.\2.downsample_pw."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.2\.", r"branch_heads.\1.features.\2.downsample_bn."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.4\.", r"branch_heads.\1.features.\2.mix_dw."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.5\.", r"branch_heads.\1.features.\2.mix_pw."),
+        (r"^projector\.(\d+)\.(\d+)\.op\.6\.", r"branch_heads.\1.features.\2.mix_bn."),
+        # Token heads: patch mergers inside a token-bypass wrapper, then ViT blocks.
+        (r"^projector\.(\d+)\.0\.fn\.", r"branch_heads.\1.downsample."),
+        (r"^projector\.(\d+)\.1\.(\d+)\.", r"branch_heads.\1.blocks.\2."),
+        # The last stage's map head starts with a 1x1 conv; every head ends with its classifier.
+        (r"^projector\.(\d+)\.0\.", r"branch_heads.\1.features.0."),
+        (r"^projector\.(\d+)\.\d+\.", r"branch_heads.\1.classifier."),
+    )
+    reference_module_names = {"branch_heads": "projector"}
     Arguments = OFAArguments
     requires_stages = True
 

@@ -60,6 +60,18 @@ def _grids(stages: StageLayer, shapes: list[tuple[int, ...]], quirks: PATQuirks)
 
 @register_distiller("pat")
 class PAT(Distiller):
+    reference_renames = (
+        (r"\.fb_aligner\.", ".feedback_aligner."),
+        (r"\.fusion_block\.", ".fusion."),
+        (r"\.prompt_block\.", ".prompt."),
+        (r"^attention_blending\.projector_s\.(\d+)\.projector\.proj\.", r"region_attention.projectors.\1.proj."),
+        (r"^attention_blending\.positional_encodings$", "region_attention.positional_encoding"),
+        (r"^attention_blending\.", "region_attention."),
+        (r"\.conv\.(\d)\.", r".proj.\1."),
+        (r"\.mlp_d\.", ".channel_proj."),
+        (r"\.mlp_l\.", ".token_proj."),
+    )
+    reference_module_names = {"region_attention": "attention_blending"}
     Arguments = PATArguments
     requires_stages = True
 

@@ -4,13 +4,17 @@ model-index with top-1/top-5), the teacher, the distiller's settings, curves and
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from pat_hf.config.arguments import DataArguments, RunArguments
+from pat_hf.data.sources import DatasetSource
 from pat_hf.export.curves import TRAINING_CURVES_FILE
 
 PROJECT_URL = "https://github.com/pat-hf/pat-hf"
@@ -202,3 +206,57 @@ def with_repo_usage(card: ModelCard, repo_id: str) -> ModelCard:
     card.text = before + usage_section(repo_id, local=False) + (after[following:] if following >= 0 else "")
     card.data.model_name = repo_id.split("/")[-1]
     return card
+
+
+# timm optimizers that take --momentum.
+MOMENTUM_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "lars")
+
+
+def dataset_card_name(data: DataArguments, source: DatasetSource | None) -> str:
+    """The dataset as the model card names it: its Hub id, or a local folder's name."""
+    if source:
+        return source.path
+    local = data.data_dir or (data.dataset if os.path.isdir(data.dataset) else None)
+    return os.path.basename(os.path.normpath(local)) if local else data.dataset
+
+
+def evaluated_split(eval_set: datasets.Dataset, data: DataArguments, source: DatasetSource | None) -> str | None:
+    return data.val_split or (str(eval_set.split) if eval_set.split else None) or (source and source.eval_split)
+
+
+def distiller_settings(args: RunArguments, distiller_cls: type) -> dict[str, Any]:
+    """The distillation hyper-parameters of this run's distiller (a teacher-less one has no KD weight)."""
+    settings = {k: v for k, v in args.distiller_hyperparameters().items() if k != "distiller"}
+    if not distiller_cls.requires_teacher:
+        settings = {k: v for k, v in settings.items() if not k.startswith("kd_")}
+    return settings
+
+
+def recipe_settings(args: RunArguments) -> dict[str, Any]:
+    """The recipe values that shaped this run: a step schedule's decay only with --sched step, EMA decays
+    only with --model-ema, ...; switches that are off and unset values are left out."""
+    recipe = args.recipe
+    unused = {"resume"}
+    if recipe.sched != "step":
+        unused.add("decay_epochs")
+    if recipe.sched not in ("step", "poly"):  # poly's power is --decay-rate
+        unused.add("decay_rate")
+    if not recipe.model_ema:
+        unused.update({"model_ema_decay", "export_ema"})
+    if not recipe.amp:
+        unused.add("amp_dtype")
+    if not any(name in recipe.opt for name in MOMENTUM_OPTIMIZERS):
+        unused.add("momentum")
+    return {k: v for k, v in args.recipe_summary().items()
+            if k not in unused and v is not None and v is not False and v != []}
+
+
+def run_card_info(args: RunArguments, distiller_cls: type, source: DatasetSource | None, eval_set: datasets.Dataset,
+                  num_classes: int, data_config: dict[str, Any], metrics: dict[str, float]) -> ModelCardInfo:
+    """What the model card of a finished run says: the pair, the data, the settings that shaped it, its metrics."""
+    return ModelCardInfo(
+        student=args.model.model, teacher=args.model.teacher, teacher_weights=args.model.teacher_pretrained,
+        distiller=args.distill.distiller, dataset=dataset_card_name(args.data, source),
+        eval_split=evaluated_split(eval_set, args.data, source), dataset_config=args.data.dataset_config_name,
+        num_classes=num_classes, input_size=tuple(data_config["input_size"]), exported_ema=args.recipe.export_ema,
+        distiller_settings=distiller_settings(args, distiller_cls), recipe=recipe_settings(args), metrics=metrics)

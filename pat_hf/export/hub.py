@@ -4,15 +4,20 @@ training, then one commit with a message naming the student, teacher, distiller 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
 
+from pat_hf.config.arguments import DistillTrainingArguments
 from pat_hf.export.card import CARD_RUN_KEY, with_repo_usage
 
 
 class HubPushError(RuntimeError):
     """The Hub refused to create, or to let us write to, the student's repository."""
+
+    # Its message names what to change: commands print it as it is (pat_hf/cli/failures.py).
+    says_what_to_do = True
 
 
 def _first_line(error: Exception) -> str:
@@ -56,3 +61,12 @@ def push_student(directory: str | Path, repo_id: str, *, token: str | None = Non
         repo_id=repo_id, folder_path=str(directory), commit_message=commit_message(card), revision=revision,
         create_pr=create_pr)
     return commit.pr_url or commit.commit_url
+
+
+def prepare_push(training: DistillTrainingArguments) -> str | None:
+    """With --push-to-hub: the Hub repository, created and checked for write access before any training."""
+    if not training.push_student_to_hub or training.process_index != 0:
+        return None
+    repo_id = training.hub_model_id or os.path.basename(os.path.normpath(training.output_dir))
+    return prepare_repo(repo_id, private=training.hub_private_repo, token=training.hub_token,
+                        revision=training.hub_revision)

@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 
 # Patches of at least this many pixels run as one matmul over the flattened patches: the same sums as the
-# convolution, measured 1.7x faster for 14x14 patches on a CPU (oneDNN's strided convolution is slow there).
+# convolution, and faster on CPUs, where oneDNN's large-stride convolution is slow (README.md, Performance).
 MATMUL_PATCH_AREA = 64
 
 

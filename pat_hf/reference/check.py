@@ -35,7 +35,6 @@ from safetensors.torch import load_file
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
 from pat_hf.models.factory import create_model
 from pat_hf.reference.convert import (
-    REFERENCE_MODULE_NAMES,
     load_reference_distiller_state,
     load_reference_model_weights,
     split_prefixed,
@@ -122,7 +121,7 @@ def run_check(fixture_path: Path, distiller_name: str) -> list[Comparison]:
                                   recorded["grad_norm_student"], GRAD_TOLERANCE))
     comparisons.append(Comparison("grad_norm_extra", _grad_norm(distiller.extra_parameters()),
                                   recorded["grad_norm_extra"], GRAD_TOLERANCE))
-    renames = REFERENCE_MODULE_NAMES.get(distiller_name, {})
+    renames = get_distiller_class(distiller_name).reference_module_names
     for name, module in distiller.extra_modules().items():
         if next(module.parameters(), None) is None:  # CRD's memory and sampler: no gradient to compare
             continue

@@ -2,7 +2,7 @@
 
 The reference (docs/REFERENCE.md) stores a distiller's own modules under its own names
 (`attention_blending.projector_s`, `fb_aligner.mlp_d`, ...). `convert_distiller_state` renames them onto ours, so a
-user holding a reference `checkpoint/` file, or a fixture in ../shared/golden, can load it into a pat-hf distiller.
+user holding a reference `checkpoint/` file, or a fixture the reference computed, can load it into a pat-hf distiller.
 Most distillers need renames only; CRD also splits the memory's `params` buffer, and FitNet regroups its aligners'
 weights, which needs the pair's pat-hf FitNet (its aligner kinds follow both models' stage layouts).
 
@@ -30,57 +30,6 @@ from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_d
 from pat_hf.models.factory import create_model, read_state_dict, remap_legacy_keys
 from pat_hf.modules.grid_aligner import grids_are_multiples
 
-# (pattern, replacement) pairs applied in order to the keys of each distiller's reference state.
-REFERENCE_RENAMES: dict[str, list[tuple[str, str]]] = {
-    "pat": [
-        (r"\.fb_aligner\.", ".feedback_aligner."),
-        (r"\.fusion_block\.", ".fusion."),
-        (r"\.prompt_block\.", ".prompt."),
-        (r"^attention_blending\.projector_s\.(\d+)\.projector\.proj\.", r"region_attention.projectors.\1.proj."),
-        (r"^attention_blending\.positional_encodings$", "region_attention.positional_encoding"),
-        (r"^attention_blending\.", "region_attention."),
-        (r"\.conv\.(\d)\.", r".proj.\1."),
-        (r"\.mlp_d\.", ".channel_proj."),
-        (r"\.mlp_l\.", ".token_proj."),
-    ],
-    "ofa": [
-        # Map heads: `projector.<stage>.<block>.op.<layer>` separable downsampling blocks.
-        (r"^projector\.(\d+)\.(\d+)\.op\.0\.", r"branch_heads.\1.features.\2.downsample_dw."),
-        (r"^projector\.(\d+)\.(\d+)\.op\.1\.", r"branch_heads.\1.features.\2.downsample_pw."),
-        (r"^projector\.(\d+)\.(\d+)\.op\.2\.", r"branch_heads.\1.features.\2.downsample_bn."),
-        (r"^projector\.(\d+)\.(\d+)\.op\.4\.", r"branch_heads.\1.features.\2.mix_dw."),
-        (r"^projector\.(\d+)\.(\d+)\.op\.5\.", r"branch_heads.\1.features.\2.mix_pw."),
-        (r"^projector\.(\d+)\.(\d+)\.op\.6\.", r"branch_heads.\1.features.\2.mix_bn."),
-        # Token heads: patch mergers inside a token-bypass wrapper, then ViT blocks.
-        (r"^projector\.(\d+)\.0\.fn\.", r"branch_heads.\1.downsample."),
-        (r"^projector\.(\d+)\.1\.(\d+)\.", r"branch_heads.\1.blocks.\2."),
-        # The last stage's map head starts with a 1x1 conv; every head ends with its classifier.
-        (r"^projector\.(\d+)\.0\.", r"branch_heads.\1.features.0."),
-        (r"^projector\.(\d+)\.\d+\.", r"branch_heads.\1.classifier."),
-    ],
-    "correlation": [
-        (r"^embed_s\.linear\.", "embed_student."),
-        (r"^embed_t\.linear\.", "embed_teacher."),
-    ],
-    # `contrast` is a ContrastMemory(feat_dim, N, K, T, momentum) called as contrast(e_s, e_t, index, ...):
-    # memory_v1 is updated with the student's embeddings, memory_v2 with the teacher's.
-    "crd": [
-        (r"^embed_s\.linear\.", "embed_student."),
-        (r"^embed_t\.linear\.", "embed_teacher."),
-        (r"^contrast\.memory_v1$", "memory.student_bank"),
-        (r"^contrast\.memory_v2$", "memory.teacher_bank"),
-    ],
-}
-
-# Our top-level module names -> the reference's, for reporting gradient norms by module.
-REFERENCE_MODULE_NAMES: dict[str, dict[str, str]] = {
-    "pat": {"region_attention": "attention_blending"},
-    "ofa": {"branch_heads": "projector"},
-    "correlation": {"embed_student": "embed_s", "embed_teacher": "embed_t"},
-    "crd": {"embed_student": "embed_s", "embed_teacher": "embed_t", "memory": "contrast"},
-    "fitnet": {"aligners": "projector"},
-}
-
 # The reference's `contrast.params` buffer: [K, T, Z_v1, Z_v2, momentum]. Z_v1 divides the student embedding's
 # scores (against memory_v2), Z_v2 the teacher's; both are -1 until the first batch sets them.
 CRD_PARAMS_HYPERPARAMETERS = {0: "crd_k", 1: "crd_temperature", 4: "crd_momentum"}
@@ -89,7 +38,7 @@ CRD_PARAMS_HYPERPARAMETERS = {0: "crd_k", 1: "crd_temperature", 4: "crd_momentum
 def _renamed(distiller: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     converted = {}
     for key, value in state.items():
-        for pattern, replacement in REFERENCE_RENAMES.get(distiller, []):
+        for pattern, replacement in get_distiller_class(distiller).reference_renames:
             key = re.sub(pattern, replacement, key)
         converted[key] = value
     return converted

@@ -2,7 +2,7 @@
 
 glibc serves blocks above its mmap threshold with fresh mappings and trims the heap top when freed, so on the
 CPU every step's large tensors (activations, and the gradients that zero_grad(set_to_none=True) drops) come
-back as new pages that the kernel faults in and zeroes again: measured 10-14% of a PAT step on 2 CPU cores. A
+back as new pages that the kernel faults in and zeroes again (a sizeable share of a CPU step: README.md, Performance). A
 32 MiB mmap threshold (glibc's largest) and a 1 GiB trim threshold keep them in the heap. Other C libraries,
 and platforms without glibc, are left as they are.
 """

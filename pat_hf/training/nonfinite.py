@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or infinite loss or weight; nothing computed from it was saved."""
 
+    # Its message names what to change: commands print it as it is (pat_hf/cli/failures.py).
+    says_what_to_do = True
+
 
 def loss_components(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The scalar `loss*` outputs of a distiller step, the total `loss` last."""
