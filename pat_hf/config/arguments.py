@@ -10,11 +10,14 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.optim import list_optimizers
 from transformers import TrainingArguments
+
+if TYPE_CHECKING:
+    from pat_hf.distillers import DistillArguments
 
 SCHEDULERS = ("cosine", "step", "tanh", "poly", "constant")
 
@@ -107,17 +110,6 @@ class DataArguments:
             raise ValueError("--samples-per-epoch is for --streaming runs; use --max-train-samples for a subset")
         if self.shuffle_buffer_size < 1:
             raise ValueError(f"--shuffle-buffer-size must be at least 1, got {self.shuffle_buffer_size}")
-
-
-@dataclass
-class DistillArguments:
-    """Hyper-parameters shared by every distiller (the reference's names)."""
-
-    # The choices are listed from the registry when the parser is built (pat_hf/config/parser.py).
-    distiller: str = field(default="ofa", metadata={"help": "distillation method"})
-    gt_loss_weight: float = field(default=1.0, metadata={"help": "weight of the ground-truth (CE) term"})
-    kd_loss_weight: float = field(default=1.0, metadata={"help": "weight of the logit distillation term"})
-    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD term"})
 
 
 @dataclass
