@@ -244,3 +244,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
 def cli(argv: list[str] | None = None) -> None:
     """`pat-hf-train`: `main` under the failure contract of pat_hf/cli/failures.py."""
     train_command(argv)
+
+
+if __name__ == "__main__":
+    cli()
