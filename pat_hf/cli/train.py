@@ -48,16 +48,15 @@ from pat_hf.data.transforms import (
 from pat_hf.distillers import DistillContext, get_distiller_class
 from pat_hf.export.card import run_card_info
 from pat_hf.export.hub import prepare_push, push_student
-from pat_hf.export.student import export_student
+from pat_hf.export.student import export_trained_student
 from pat_hf.metrics import TopkMetrics, top_k_indices
-from pat_hf.models.factory import create_model, create_teacher, exported_model_kwargs, load_weights, require_file
+from pat_hf.models.factory import create_student, create_teacher, exported_model_kwargs, require_file
 from pat_hf.training.atomic import remove_stale_partials, write_text_atomically
 from pat_hf.training.callbacks import MixupOffCallback, ModelEmaCallback
 from pat_hf.training.checkpoints import check_resumable, file_sha256, latest_complete_checkpoint, trained_epochs
 from pat_hf.training.host_memory import keep_freed_host_memory
 from pat_hf.training.memory_format import MemoryFormat
 from pat_hf.training.meters import SUMMARY_FILE
-from pat_hf.training.nonfinite import check_finite_state
 from pat_hf.training.run_dir import check_output_dir, clear_run
 from pat_hf.training.schedule import training_epochs
 from pat_hf.training.trainer import DistillationTrainer
@@ -163,13 +162,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     train_set, eval_set, source = load_splits(args.data, seed=data_seed)
     num_classes = resolve_num_classes(train_set, args.model.num_classes)
     check_labels(train_set, eval_set, num_classes)
-    student_kwargs = {"drop_rate": args.model.drop, **args.model.model_kwargs}
-    if args.model.drop_path is not None:
-        student_kwargs["drop_path_rate"] = args.model.drop_path
-    student = create_model(args.model.model, num_classes, student_kwargs, pretrained=args.model.pretrained,
-                           img_size=args.model.img_size)
-    if args.model.initial_checkpoint:
-        load_weights(student, args.model.initial_checkpoint)
+    student = create_student(args.model, num_classes)
     img_size = args.model.img_size or args.model.model_kwargs.get("img_size")
     data_config = resolve_data_config_for(args.data, student, img_size, source)
     # The teacher sees the student's inputs, so it is built for their size too (--img-size or the student's).
@@ -221,18 +214,12 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     if trainer.is_world_process_zero():
         card = run_card_info(args, distiller_cls, source, eval_set, num_classes, data_config, metrics)
         exported = memory_format.for_export(ema.named_models()[0][1] if args.recipe.export_ema else distiller.student)
-        check_finite_state(exported.state_dict(), "the student")
         student_dir = os.path.join(args.training.output_dir, "student")
-        try:
-            export_student(exported, student_dir,
-                           model_kwargs=exported_model_kwargs(student, args.model.model_kwargs, args.model.img_size),
-                           data_config=data_config, class_names=class_names_of(train_set), card=card,
-                           pretrained=args.model.pretrained,
-                           summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
-        except OSError as error:
-            raise OSError(f"could not write the student to {student_dir}: {error.strerror or error}; nothing of it "
-                          f"was kept and the checkpoints are intact: free space (or restore write access) and "
-                          f"export it with --resume") from error
+        export_trained_student(
+            exported, student_dir,
+            model_kwargs=exported_model_kwargs(student, args.model.model_kwargs, args.model.img_size),
+            data_config=data_config, class_names=class_names_of(train_set), card=card, pretrained=args.model.pretrained,
+            summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
         print(f"pat-hf: exported the student to {student_dir}", flush=True)
         if hub_repo:
             url = push_student(student_dir, hub_repo, token=args.training.hub_token,

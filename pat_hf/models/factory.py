@@ -10,7 +10,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pat_hf.models.dry_run import dry_run
+
+if TYPE_CHECKING:
+    from pat_hf.config.arguments import ModelArguments
 
 # Besides tensors and plain values, timm CheckpointSaver files (OFA-KD/PAT teachers) hold the run's argparse
 # Namespace under "args"; that is the only class we let `weights_only` loading build.
@@ -243,3 +246,15 @@ def create_teacher(name: str, checkpoint: str, num_classes: int, kwargs: Mapping
                                dataset_classes)
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def create_student(model: ModelArguments, num_classes: int) -> nn.Module:
+    """The run's student: --model with its dropout, stochastic depth and kwargs, from timm's pretrained weights
+    or --initial-checkpoint when asked."""
+    kwargs = {"drop_rate": model.drop, **model.model_kwargs}
+    if model.drop_path is not None:
+        kwargs["drop_path_rate"] = model.drop_path
+    student = create_model(model.model, num_classes, kwargs, pretrained=model.pretrained, img_size=model.img_size)
+    if model.initial_checkpoint:
+        load_weights(student, model.initial_checkpoint)
+    return student
