@@ -226,11 +226,11 @@ class StagedCheckpoints:
         self.accelerator = accelerator
         self.run_identity = dict(run_identity)
         # Where the Trainer writes its checkpoint while one is being saved (its output folder otherwise).
-        self.staging_root: str | None = None
+        self.staging_output_dir: str | None = None
 
     def save(self, state: TrainerState, run_dir: str, write: Callable[[str], None]) -> None:
         """Save the checkpoint of `state.global_step` in `run_dir`: every process calls `write(folder)` with
-        the staged checkpoint folder (and `staging_root` set), then it is published and older ones rotated."""
+        the staged checkpoint folder (and `staging_output_dir` set), then it is published and older ones rotated."""
         step = state.global_step
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
         staging = staging_root(run_dir, step)
@@ -242,11 +242,11 @@ class StagedCheckpoints:
                 remove_folder_marker_first(final)
         self.accelerator.wait_for_everyone()
         try:
-            self.staging_root = str(staging)
+            self.staging_output_dir = str(staging)
             try:
                 write(folder)
             finally:
-                self.staging_root = None
+                self.staging_output_dir = None
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 self._record_best_checkpoint(state, run_dir, folder)

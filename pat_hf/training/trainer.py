@@ -242,7 +242,7 @@ class DistillationTrainer(Trainer):
         checkpoints.save_callback_states(self.callback_handler.callbacks, folder, self.args.should_save)
 
     def _get_output_dir(self, trial) -> str:
-        return self.checkpoints.staging_root or super()._get_output_dir(trial)
+        return self.checkpoints.staging_output_dir or super()._get_output_dir(trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         # The Trainer pickles its arguments into training_args.bin: without the Hub token.
