@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from pat_hf.cli import train as pat_train
 from pat_hf.config.parser import parse_arguments
 from pat_hf.training.checkpoints import mark_complete
+from pat_hf.training.resume import teacher_weights_id
 from tests.helpers import save_teacher, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def checkpoint_of(argv: list[str], step: int = 4, epoch: float = 1.0) -> Path:
     (folder / "model.safetensors").write_bytes(b"weights")
     (folder / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "global_step": step}))
     (folder.parent / "args.yaml").write_text(yaml.safe_dump({"run": "earlier"}))
-    mark_complete(folder, {**args.run_identity(pat_train.teacher_weights_id(args)), "global_step": step})
+    mark_complete(folder, {**args.run_identity(teacher_weights_id(args)), "global_step": step})
     return folder
 
 
@@ -392,7 +393,7 @@ def test_a_teacher_copied_elsewhere_is_the_same_teacher(tmp_path):
     checkpoint_of(argv)
     moved = str(shutil.copy(teacher, tmp_path / "moved.safetensors"))
     args = parse_arguments([*argv, "--teacher-pretrained", moved])
-    identity = args.run_identity(pat_train.teacher_weights_id(args))
+    identity = args.run_identity(teacher_weights_id(args))
     from pat_hf.training.checkpoints import check_resumable
 
     assert check_resumable(tmp_path / "run" / "checkpoint-4", identity) == []

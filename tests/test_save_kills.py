@@ -18,8 +18,12 @@ import torch
 
 from pat_hf.cli import failures
 from pat_hf.cli import train as pat_train
-from pat_hf.training.checkpoints import COMPLETE_MARKER, checkpoint_folders, latest_complete_checkpoint
-from pat_hf.training.staged_checkpoints import CheckpointWriteError
+from pat_hf.training.checkpoints import (
+    COMPLETE_MARKER,
+    CheckpointWriteError,
+    checkpoint_folders,
+    latest_complete_checkpoint,
+)
 from tests.child_runs import finish_child, start_child
 from tests.helpers import save_teacher, tiny_run
 from tests.test_recipe_resume import assert_same_tensors, pat_run_args

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import sys
 from typing import Any
@@ -26,7 +25,6 @@ from typing import Any
 import datasets
 import torch
 import transformers
-import yaml
 from transformers import TrainerCallback, set_seed
 
 from pat_hf.cli import train_command
@@ -50,15 +48,14 @@ from pat_hf.export.card import run_card_info
 from pat_hf.export.hub import prepare_push, push_student
 from pat_hf.export.student import export_trained_student
 from pat_hf.metrics import TopkMetrics, top_k_indices
-from pat_hf.models.factory import create_student, create_teacher, exported_model_kwargs, require_file
-from pat_hf.training.atomic import remove_stale_partials, write_text_atomically
-from pat_hf.training.callbacks import MixupOffCallback, ModelEmaCallback
-from pat_hf.training.checkpoints import check_resumable, file_sha256, latest_complete_checkpoint, trained_epochs
+from pat_hf.models.factory import create_student, create_teacher, exported_model_kwargs
+from pat_hf.training.callbacks import MixupOffCallback
+from pat_hf.training.ema import ModelEmaCallback
 from pat_hf.training.host_memory import keep_freed_host_memory
 from pat_hf.training.memory_format import MemoryFormat
 from pat_hf.training.meters import SUMMARY_FILE
-from pat_hf.training.run_dir import check_output_dir, clear_run
-from pat_hf.training.schedule import training_epochs
+from pat_hf.training.resume import identity_and_resume_checkpoint
+from pat_hf.training.run_dir import check_output_dir, start_output_dir
 from pat_hf.training.trainer import DistillationTrainer
 
 logger = logging.getLogger("pat_hf")
@@ -71,62 +68,6 @@ def setup_logging(args: RunArguments) -> None:
         library.utils.logging.set_verbosity(level)
 
 
-def teacher_weights_id(args: RunArguments) -> str | None:
-    """The teacher's weights by content (the sha256 of the file) for the checkpoints' identity; a Hub name as
-    given. A missing file is an error here, before any data is read."""
-    path = args.model.teacher_pretrained
-    if not args.model.teacher or not path or path.startswith(("hf-hub:", "local-dir:")):
-        return path or None
-    require_file(path, "teacher checkpoint")
-    return file_sha256(path)
-
-
-def check_epochs_left(args: RunArguments, checkpoint: str) -> None:
-    """A resumed run may train longer than the checkpoint's run planned, not stop before where it got to."""
-    trained = trained_epochs(checkpoint)
-    planned = training_epochs(args.recipe, args.training.num_train_epochs)
-    if args.training.max_steps <= 0 and trained > planned + 1e-9:
-        cooldown = planned - args.training.num_train_epochs
-        raise ValueError(f"{checkpoint} has already trained {trained:g} epochs, more than --epochs "
-                         f"{args.training.num_train_epochs:g} plans; pass --epochs {math.ceil(trained - cooldown)} "
-                         f"or more")
-
-
-def find_resume_checkpoint(args: RunArguments, identity: dict) -> str | None:
-    """--resume: the newest complete checkpoint in --output_dir (or --resume_from_checkpoint PATH), which must
-    come from a run of the same models, distiller and settings, and leave epochs to train."""
-    output_dir = args.training.output_dir
-    checkpoint = args.training.resume_from_checkpoint
-    if not checkpoint and args.recipe.resume:
-        checkpoint = latest_complete_checkpoint(output_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {output_dir} (a run saved "
-                                    f"without checkpoints, or stopped before its first); start it again with "
-                                    f"--overwrite_output_dir")
-    if not checkpoint:
-        return None
-    ignored = check_resumable(checkpoint, identity, args.recipe.resume_ignore_changes)
-    if ignored:
-        logger.warning("--resume-ignore-changes: continuing %s with this run's settings (%s)", checkpoint,
-                       "; ".join(ignored))
-    check_epochs_left(args, str(checkpoint))
-    return str(checkpoint)
-
-
-def start_output_dir(args: RunArguments) -> None:
-    """Once every input is checked: clear the old run (--overwrite_output_dir) or what a kill left half-written,
-    and write args.yaml (without the Hub token: TrainingArguments masks it)."""
-    training = args.training
-    with training.main_process_first(desc="preparing the output folder"):
-        if training.process_index == 0:
-            if training.overwrite_output_dir:
-                removed = clear_run(training.output_dir)
-                if removed:
-                    logger.info("--overwrite_output_dir: removed %s", ", ".join(p.name for p in removed))
-            remove_stale_partials(training.output_dir)  # writes that a kill interrupted
-            os.makedirs(training.output_dir, exist_ok=True)
-            write_text_atomically(os.path.join(training.output_dir, "args.yaml"),
-                                  yaml.safe_dump(args.as_dict(), sort_keys=False))
 
 
 def start_cpu_process_group(values: dict[str, Any]) -> None:
@@ -149,8 +90,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     check_aug_repeats(args.data.aug_repeats, args.training.world_size)
     check_output_dir(args.training.output_dir, resume=args.recipe.resume or bool(args.training.resume_from_checkpoint),
                      overwrite=args.training.overwrite_output_dir)
-    identity = args.run_identity(teacher_weights_id(args))
-    resume_from = find_resume_checkpoint(args, identity)
+    identity, resume_from = identity_and_resume_checkpoint(args)
     hub_repo = prepare_push(args.training)
 
     distiller_cls = get_distiller_class(args.distill.distiller)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -16,12 +16,3 @@ def temporarily(obj: Any, name: str, value: Any) -> Iterator[None]:
     finally:
         setattr(obj, name, previous)
 
-
-@contextlib.contextmanager
-def instead_of_method(obj: Any, name: str, function: Callable) -> Iterator[None]:
-    """`obj.name` is `function` within the block (an instance attribute over the class's method)."""
-    setattr(obj, name, function)
-    try:
-        yield
-    finally:
-        delattr(obj, name)

@@ -1,11 +1,14 @@
-"""Checkpoint folders that a kill can never leave half-usable.
+"""Checkpoint folders that a kill or a full disk can never leave half-usable.
 
-A checkpoint is written as `checkpoint-N.partial/checkpoint-N`, flushed to the disk, and renamed to
-`checkpoint-N` once every process has written all of it; `pat_hf_checkpoint.json`, the last file written
-(atomically), marks it complete. `--resume` only ever picks a complete checkpoint, and rotation only deletes
-checkpoints once a newer complete one exists (its marker first, so that a kill mid-deletion leaves an incomplete
-folder, never a complete-looking broken one). The marker also records what the run trained (models,
-distiller, teacher weights, data, recipe): resuming with other settings fails naming each difference.
+`StagedCheckpoints`, owned by the trainer, writes each checkpoint as `checkpoint-N.partial/checkpoint-N`: the
+Trainer's checkpoint plus what pat-hf adds (the distiller's per-process state, the state of every
+`CheckpointStateCallback`, the exact-resume RNG). Once every process has written all of it, it is flushed to the
+disk and renamed to `checkpoint-N`; `pat_hf_checkpoint.json`, the last file written (atomically), marks it
+complete. Only then are older checkpoints rotated out; a failed write removes what it wrote and leaves the
+earlier checkpoints. `--resume` only ever picks a complete checkpoint, and folders are deleted marker first
+(`remove_folder_marker_first`), so that a kill mid-deletion leaves an incomplete folder, never a
+complete-looking broken one. The marker also records what the run trained (models, distiller, teacher weights,
+data, recipe): resuming with other settings fails naming each difference.
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from pat_hf.training.atomic import partial_path, publish_folder, write_text_atomically
+from pat_hf.training.atomic import partial_path, publish_folder, remove_stale_partials, write_text_atomically
 
 COMPLETE_MARKER = "pat_hf_checkpoint.json"
 PROCESS_STATE_FILE = "distiller_state_rank{rank}.safetensors"
@@ -139,10 +145,16 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None, protecte
     deleted = []
     for path in folders:
         if path.name not in kept and _step(path) <= newest_step:
-            (path / COMPLETE_MARKER).unlink(missing_ok=True)
-            shutil.rmtree(path, ignore_errors=True)
+            remove_folder_marker_first(path, ignore_errors=True)
             deleted.append(path)
     return deleted
+
+
+def remove_folder_marker_first(folder: str | os.PathLike, ignore_errors: bool = False) -> None:
+    """Delete `folder`, its completion marker first: a kill mid-deletion must not leave a checkpoint that looks
+    complete. `ignore_errors`: leave what cannot be deleted (rotation must not fail a training run over it)."""
+    (Path(folder) / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=ignore_errors)
 
 
 def save_process_state(folder: str | os.PathLike, rank: int, state: dict[str, torch.Tensor]) -> None:
@@ -155,6 +167,30 @@ def save_process_state(folder: str | os.PathLike, rank: int, state: dict[str, to
 def load_process_state(folder: str | os.PathLike, rank: int) -> dict[str, torch.Tensor]:
     path = os.path.join(folder, PROCESS_STATE_FILE.format(rank=rank))
     return load_file(path) if os.path.isfile(path) else {}
+
+
+class CheckpointStateCallback(TrainerCallback):
+    """A callback whose state travels with the Trainer's checkpoints: written into every checkpoint before it is
+    marked complete and read back on resume (transformers' own callback state export only round-trips JSON, not
+    tensors)."""
+
+    def save_to_checkpoint(self, folder: str, is_main_process: bool) -> None:
+        raise NotImplementedError
+
+    def load_from_checkpoint(self, folder: str) -> None:
+        raise NotImplementedError
+
+
+def save_callback_states(callbacks: Iterable[TrainerCallback], folder: str, is_main_process: bool) -> None:
+    for callback in callbacks:
+        if isinstance(callback, CheckpointStateCallback):
+            callback.save_to_checkpoint(folder, is_main_process)
+
+
+def load_callback_states(callbacks: Iterable[TrainerCallback], folder: str) -> None:
+    for callback in callbacks:
+        if isinstance(callback, CheckpointStateCallback):
+            callback.load_from_checkpoint(folder)
 
 
 def rng_snapshot() -> dict[str, Any]:
@@ -175,3 +211,62 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost permissions); the earlier ones are intact."""
+
+
+class StagedCheckpoints:
+    """Writes the trainer's checkpoints under `checkpoint-N.partial/`, publishes each as `checkpoint-N` with the
+    run's `run_identity` in its marker once every process has written it, and rotates out older ones."""
+
+    def __init__(self, args: TrainingArguments, accelerator: Accelerator, run_identity: dict[str, Any]):
+        self.args = args
+        self.accelerator = accelerator
+        self.run_identity = dict(run_identity)
+        # Where the Trainer writes its checkpoint while one is being saved (its output folder otherwise).
+        self.staging_output_dir: str | None = None
+
+    def save(self, state: TrainerState, run_dir: str, write: Callable[[str], None]) -> None:
+        """Save the checkpoint of `state.global_step` in `run_dir`: every process calls `write(folder)` with
+        the staged checkpoint folder (and `staging_output_dir` set), then it is published and older ones rotated."""
+        step = state.global_step
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        staging = staging_root(run_dir, step)
+        folder = str(staging / os.path.basename(final))
+        if self.args.should_save:
+            remove_stale_partials(run_dir)
+            if os.path.isdir(final):
+                # Left by a run that was interrupted after this step and resumed from an earlier checkpoint.
+                remove_folder_marker_first(final)
+        self.accelerator.wait_for_everyone()
+        try:
+            self.staging_output_dir = str(staging)
+            try:
+                write(folder)
+            finally:
+                self.staging_output_dir = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                self._record_best_checkpoint(state, run_dir, folder)
+                publish_checkpoint(folder, {**self.run_identity, "global_step": step})
+        except OSError as error:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointWriteError(
+                f"could not write {final}: {error.strerror or error}; nothing of it was kept and the earlier "
+                f"checkpoints are intact: free space (or restore write access) and continue with --resume") from error
+        if self.args.should_save:
+            rotate_checkpoints(run_dir, self.args.save_total_limit, state.best_model_checkpoint)
+
+    @staticmethod
+    def _record_best_checkpoint(state: TrainerState, run_dir: str, folder: str) -> None:
+        """The Trainer looked for the best checkpoint beside the staged one; point it at the published name."""
+        best_step = state.best_global_step
+        if not best_step:
+            return
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+        if best_step == state.global_step or os.path.isdir(best):
+            state.best_model_checkpoint = best
+            state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))

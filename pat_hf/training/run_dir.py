@@ -1,21 +1,25 @@
-"""What --output_dir may hold when a run starts.
+"""What --output_dir may hold when a run starts, and preparing it.
 
 A folder that holds a run (finished or not, with checkpoints or without) is continued with --resume or
 replaced with --overwrite_output_dir, never written over by accident; a path that cannot be written is
-reported before any data is read or model built. Nothing here writes: the run clears an old run
-(`clear_run`) only once every input has been checked.
+reported before any data is read or model built (`check_output_dir`, which writes nothing). Only once every
+input has been checked does `start_output_dir` clear an old run and write args.yaml.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
 from pathlib import Path
 
+import yaml
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from pat_hf.training.atomic import PARTIAL_SUFFIX
-from pat_hf.training.checkpoints import COMPLETE_MARKER
+from pat_hf.config.arguments import RunArguments
+from pat_hf.training.atomic import PARTIAL_SUFFIX, remove_stale_partials, write_text_atomically
+from pat_hf.training.checkpoints import remove_folder_marker_first
+
+logger = logging.getLogger(__name__)
 
 # What a run writes at the top of its output folder (besides checkpoint-N and *.partial leftovers).
 RUN_FILES = ("args.yaml", "trainer_state.json", "summary.csv", "train_results.json", "eval_results.json",
@@ -80,9 +84,23 @@ def clear_run(output_dir: str | os.PathLike) -> list[Path]:
     removed = run_artefacts(output_dir)
     for path in removed:
         if path.is_dir():
-            # The marker first: a kill mid-deletion must not leave a checkpoint that looks complete.
-            (path / COMPLETE_MARKER).unlink(missing_ok=True)
-            shutil.rmtree(path)
+            remove_folder_marker_first(path)
         else:
             path.unlink()
     return removed
+
+
+def start_output_dir(args: RunArguments) -> None:
+    """Once every input is checked: clear the old run (--overwrite_output_dir) or what a kill left half-written,
+    and write args.yaml (without the Hub token: TrainingArguments masks it)."""
+    training = args.training
+    with training.main_process_first(desc="preparing the output folder"):
+        if training.process_index == 0:
+            if training.overwrite_output_dir:
+                removed = clear_run(training.output_dir)
+                if removed:
+                    logger.info("--overwrite_output_dir: removed %s", ", ".join(p.name for p in removed))
+            remove_stale_partials(training.output_dir)  # writes that a kill interrupted
+            os.makedirs(training.output_dir, exist_ok=True)
+            write_text_atomically(os.path.join(training.output_dir, "args.yaml"),
+                                  yaml.safe_dump(args.as_dict(), sort_keys=False))

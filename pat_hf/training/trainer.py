@@ -1,11 +1,30 @@
-"""`DistillationTrainer`: the HF Trainer running a distiller with the reference's recipe.
+"""`DistillationTrainer`: the HF Trainer running a distiller with the reference's recipe, and the one place where
+pat-hf changes how the Trainer behaves.
 
-It adds what the reference's train.py does and the Trainer does not: timm's optimizer and learning-rate
-schedule (stepped per epoch), the loss and its components in the logs and `summary.csv` (pat_hf/loss_meters.py),
-a stop at the first non-finite loss (pat_hf/nonfinite.py), and, from its mixins, evaluation of the EMA students
-next to the raw one (pat_hf/ema_evaluation.py), checkpoints that carry the distiller's per-process state and
-appear under their name only once complete (pat_hf/staged_checkpoints.py), and exact mid-epoch resumes
-(pat_hf/exact_resume.py).
+transformers: setup.cfg allows `transformers>=5.0,<6`; the methods below are pinned, with their parameter
+names, against transformers 5.25 by tests/test_trainer_contract.py, which fails naming the method an upgrade
+changed or removed.
+
+Private Trainer methods overridden here:
+    _get_train_sampler       the epoch-seeded sampler (or --aug-repeats' sampler) that a checkpoint can replay
+    _get_dataloader          the training collate (mixup, RNG recording), the streamed loader, drop_last in training
+    _run_epoch               the sampler's epoch, the epoch's meters and summary.csv row, a stream's resume skip
+    _determine_best_metric   logs `best_metric`
+    _save                    no Hub token in training_args.bin; contiguous tensors with --channels-last
+    _save_checkpoint         staged checkpoints that appear only once complete
+    _get_output_dir          the staging folder while the Trainer writes a checkpoint
+    _load_from_checkpoint    the distiller's per-process state and the callbacks' state
+    _load_rng_state          skipped where an exact mid-epoch resume restores the RNG itself
+Undocumented public ones overridden: `set_initial_training_values`, `get_batch_samples`, `evaluation_loop`.
+Relied on besides: `Trainer._load_rng_state` (called by the resume helper), `_created_lr_scheduler` (set by
+`create_scheduler` as the Trainer's own does), `loss_is_scaled_for_ga`, and `_run_epoch`'s keyword arguments
+`epochs_trained`, `steps_trained_in_current_epoch` and `resume_from_checkpoint`.
+
+Each override is a few lines that delegate to a helper object the trainer owns: `meters` (training/meters.py:
+the loss and its components in the logs and summary.csv), `nonfinite` (training/nonfinite.py: a stop at the
+first non-finite loss), `ema_evaluation` (training/ema.py: the EMA students evaluated next to the raw one),
+`checkpoints` (training/checkpoints.py: staged checkpoints and their files) and `resume` (training/resume.py:
+exact mid-epoch resumes). timm's optimizer and schedule come from training/schedule.py.
 """
 
 from __future__ import annotations
@@ -15,7 +34,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import EvalLoopOutput
 
 from pat_hf.config.arguments import RecipeArguments
 from pat_hf.data.decoding import SKIPPED_IMAGES
@@ -25,17 +46,16 @@ from pat_hf.data.streaming import StreamedTrainingSet
 from pat_hf.distillers import Distiller
 from pat_hf.training import checkpoints
 from pat_hf.training.attributes import temporarily
-from pat_hf.training.callbacks import CheckpointStateCallback
-from pat_hf.training.ema_evaluation import EmaEvaluationTrainer
+from pat_hf.training.checkpoints import StagedCheckpoints
+from pat_hf.training.ema import EmaEvaluation
 from pat_hf.training.memory_format import MemoryFormat
 from pat_hf.training.meters import TrainingMeters, write_summary_row
 from pat_hf.training.nonfinite import NonFiniteLossGuard, NonFiniteStepSkipper, check_finite_state
-from pat_hf.training.resume import ExactResumeTrainer
+from pat_hf.training.resume import ExactResume
 from pat_hf.training.schedule import TimmLRSchedule, create_timm_optimizer, create_timm_scheduler, training_epochs
-from pat_hf.training.staged_checkpoints import StagedCheckpointTrainer
 
 
-class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactResumeTrainer):
+class DistillationTrainer(Trainer):
     """Trains `model`, a `Distiller`: its forward is the whole distillation step, so DDP and autocast cover
     the student, the teacher and the distiller's modules alike. The loss it returns is a per-batch mean."""
 
@@ -48,14 +68,18 @@ class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactRe
         self.memory_format = MemoryFormat(self.recipe.channels_last)
         # Training batches may be collated differently (mixup); evaluation always uses data_collator.
         self.train_data_collator = train_data_collator or self.data_collator
-        self.run_identity = dict(run_identity or {})
         self.aug_repeats = aug_repeats
         self.meters = TrainingMeters(self.accelerator)
         self.nonfinite = NonFiniteLossGuard()
+        self.ema_evaluation = EmaEvaluation(self.callback_handler)
+        self.checkpoints = StagedCheckpoints(self.args, self.accelerator, run_identity or {})
+        # The Trainer's own restore, bypassing the override below, which may skip it.
+        self.resume = ExactResume(self.args, lambda checkpoint: Trainer._load_rng_state(self, checkpoint))
         self._step_skipper: NonFiniteStepSkipper | None = None
         self._train_lr: float | None = None
         self._updates_per_epoch = 1
-        self._train_sampler: EpochSampler | StreamedTrainingSet | None = None
+        # The sampler (or stream) whose epoch the trainer sets and whose RNG a checkpoint keeps.
+        self._training_order: EpochSampler | StreamedTrainingSet | None = None
         for callback in self.callback_handler.callbacks:
             # Without a directory TensorBoard writes to ./runs; the reference logs under its output folder.
             if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
@@ -65,10 +89,7 @@ class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactRe
     def distiller(self) -> Distiller:
         return self.accelerator.unwrap_model(self.model)
 
-    def _checkpoint_callbacks(self) -> list[CheckpointStateCallback]:
-        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointStateCallback)]
-
-    # ---- optimizer, schedule, sampler ----
+    # ---- optimizer, schedule, sampler, loader ----
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """timm's optimizer over the student and the distiller's modules (the teacher is frozen, so it never
@@ -111,13 +132,12 @@ class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactRe
         return sampler
 
     def _use_training_order(self, order: EpochSampler | StreamedTrainingSet) -> None:
-        """The sampler (or stream) whose epoch the trainer sets and whose RNG a checkpoint keeps."""
-        self.track_fetch_rng(order)
-        self._train_sampler = order
+        self.resume.track(order)
+        self._training_order = order
 
     def _get_dataloader(self, *args, is_training: bool = False, **kwargs):
         # drop_last is for training only (mixup pairs, PAT's feedback); evaluation must see every example.
-        collate = self.fetch_rng_collate(self.train_data_collator) if is_training else self.data_collator
+        collate = self.resume.recording_collate(self.train_data_collator) if is_training else self.data_collator
         if is_training and isinstance(kwargs.get("dataset"), StreamedTrainingSet):
             self._use_training_order(kwargs["dataset"])
             return streamed_training_loader(kwargs["dataset"], kwargs["batch_size"], collate, self.args)
@@ -140,6 +160,10 @@ class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactRe
                 self.nonfinite.observe(step, outputs)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        self.resume.before_batch_fetch()
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def _nonfinite_hint(self) -> str:
         return (f"Lower --lr (now {self.args.learning_rate:g}), or let up to N such steps pass without an update "
                 f"with --skip-nonfinite-steps N (fp16 overflow)")
@@ -158,27 +182,39 @@ class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactRe
 
     def _run_epoch(self, model, epoch, *args, **kwargs):
         self.meters.reset_epoch()
-        self.epoch_eval = {}
-        if self._train_sampler is not None:
+        self.ema_evaluation.start_epoch()
+        if self._training_order is not None:
             # Under DDP, the loader accelerate rebuilds to skip the batches of an interrupted epoch does not pass
             # set_epoch on to the sampler, which would then replay epoch 0's order.
-            self._train_sampler.set_epoch(epoch)
+            self._training_order.set_epoch(epoch)
         resumed_batches = kwargs["steps_trained_in_current_epoch"] if (
             epoch == kwargs["epochs_trained"] and kwargs["resume_from_checkpoint"] is not None
             and not self.args.ignore_data_skip) else 0
-        if isinstance(self._train_sampler, StreamedTrainingSet):
+        if isinstance(self._training_order, StreamedTrainingSet):
             # The Trainer drops the batches this epoch trained on before the interruption: they need not be decoded.
-            self._train_sampler.resume_batches = resumed_batches
+            self._training_order.resume_batches = resumed_batches
         super()._run_epoch(model, epoch, *args, **kwargs)
-        if isinstance(self._train_sampler, StreamedTrainingSet):
-            self._train_sampler.resume_batches = 0
+        if isinstance(self._training_order, StreamedTrainingSet):
+            self._training_order.resume_batches = 0
         self.nonfinite.raise_if_bad(self.accelerator, self._nonfinite_hint())
         train_means = self.meters.epoch_summary(self.args.device)
         if self.args.should_save:
             write_summary_row(self.args.output_dir, float(self.state.epoch or 0), self._train_lr, train_means,
-                              self.epoch_eval)
+                              self.ema_evaluation.epoch_metrics)
 
     # ---- evaluation ----
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        with self.resume.rng_unchanged():
+            return super().evaluate(*args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval") -> EvalLoopOutput:
+        trainer_loop = super().evaluation_loop
+        return self.ema_evaluation.evaluation_loop(
+            lambda loop_description, prefix: trainer_loop(dataloader, loop_description, prediction_loss_only,
+                                                          ignore_keys, prefix),
+            self.distiller, description, metric_key_prefix)
 
     def _determine_best_metric(self, metrics, trial) -> bool:
         is_new_best = super()._determine_best_metric(metrics, trial)
@@ -188,16 +224,25 @@ class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactRe
 
     # ---- checkpoints ----
 
-    def check_before_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, model, trial) -> None:
+        step = self.state.global_step
         self.nonfinite.raise_if_bad(self.accelerator, self._nonfinite_hint())
         check_finite_state(self.distiller.state_dict(), f"the model at step {step}")
+        self.checkpoints.save(self.state, self._get_output_dir(trial),
+                              lambda folder: self._write_checkpoint(model, trial, folder))
 
-    def write_checkpoint_extras(self, folder: str) -> None:
-        """The distiller's per-process state, the data-order RNG and the callbacks' state."""
+    def _write_checkpoint(self, model, trial, folder: str) -> None:
+        """This process's part of the staged checkpoint `folder`: the Trainer's checkpoint (the staged
+        checkpoints rotate, not the Trainer), the distiller's per-process state, the data-order RNG and the
+        callbacks' state."""
+        with temporarily(self.args, "save_total_limit", None):
+            super()._save_checkpoint(model, trial)
         checkpoints.save_process_state(folder, self.args.process_index, self.distiller.process_state_dict())
-        self.save_fetch_rng(folder)
-        for callback in self._checkpoint_callbacks():
-            callback.save_to_checkpoint(folder, self.args.should_save)
+        self.resume.save(folder)
+        checkpoints.save_callback_states(self.callback_handler.callbacks, folder, self.args.should_save)
+
+    def _get_output_dir(self, trial) -> str:
+        return self.checkpoints.staging_output_dir or super()._get_output_dir(trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         # The Trainer pickles its arguments into training_args.bin: without the Hub token.
@@ -208,6 +253,9 @@ class DistillationTrainer(EmaEvaluationTrainer, StagedCheckpointTrainer, ExactRe
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         state = checkpoints.load_process_state(resume_from_checkpoint, self.args.process_index)
         self.distiller.load_process_state_dict(state)
-        for callback in self._checkpoint_callbacks():
-            callback.load_from_checkpoint(resume_from_checkpoint)
-        self.note_resume(resume_from_checkpoint)
+        checkpoints.load_callback_states(self.callback_handler.callbacks, resume_from_checkpoint)
+        self.resume.resuming_from(resume_from_checkpoint)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        if not self.resume.skips_trainer_rng_load():
+            super()._load_rng_state(checkpoint)
