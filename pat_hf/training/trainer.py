@@ -41,8 +41,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from pat_hf.config.arguments import RecipeArguments
 from pat_hf.data.decoding import SKIPPED_IMAGES
 from pat_hf.data.samplers import EpochRandomSampler, EpochSampler, InterleavedRepeatAugSampler
-from pat_hf.data.stream_loader import streamed_training_loader
-from pat_hf.data.streaming import StreamedTrainingSet
+from pat_hf.data.streaming import StreamedTrainingSet, streamed_training_loader
 from pat_hf.distillers import Distiller
 from pat_hf.training import checkpoints
 from pat_hf.training.attributes import temporarily
