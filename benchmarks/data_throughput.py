@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from benchmarks.reporting import cpu_name, write_report  # noqa: E402
-from pat_hf.config.parser import parse_arguments  # noqa: E402
+from pat_hf.cli.parser import parse_arguments  # noqa: E402
 from pat_hf.data.examples import attach_transform  # noqa: E402
 from pat_hf.data.labels import num_classes_of  # noqa: E402
 from pat_hf.data.sources import load_splits  # noqa: E402

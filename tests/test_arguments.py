@@ -1,6 +1,6 @@
 import pytest
 
-from pat_hf.config.parser import parse_arguments
+from pat_hf.cli.parser import parse_arguments
 from pat_hf.distillers import DISTILLERS
 from pat_hf.distillers.fitnet import FitNetArguments
 

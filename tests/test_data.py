@@ -166,8 +166,8 @@ def test_a_data_dir_copy_of_a_known_dataset_keeps_its_columns_and_statistics(tmp
 
 
 def test_workers_default_to_the_cpu_share_of_each_local_process(monkeypatch):
+    from pat_hf.cli.parser import parse_arguments
     from pat_hf.config.arguments import MAX_AUTO_WORKERS, auto_num_workers
-    from pat_hf.config.parser import parse_arguments
 
     for cores, processes, expected in ((16, 1, MAX_AUTO_WORKERS), (16, 8, 1), (2, 1, 1), (1, 1, 0), (4, 8, 0)):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)), raising=False)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from pat_hf.cli import train as pat_train
-from pat_hf.config.parser import parse_arguments
+from pat_hf.cli.parser import parse_arguments
 from pat_hf.data.examples import attach_transform
 from pat_hf.data.samplers import EpochRandomSampler
 from pat_hf.data.sources import load_splits

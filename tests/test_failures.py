@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import save_file
 
 from pat_hf.cli import train as pat_train
-from pat_hf.config.parser import parse_arguments
+from pat_hf.cli.parser import parse_arguments
 from pat_hf.training.checkpoints import mark_complete
 from pat_hf.training.resume import teacher_weights_id
 from tests.helpers import save_teacher, tiny_run

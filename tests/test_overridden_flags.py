@@ -5,8 +5,8 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 from PIL import Image
 
+from pat_hf.cli.parser import parse_arguments
 from pat_hf.config.overridden_flags import OVERRIDDEN_FLAGS
-from pat_hf.config.parser import parse_arguments
 from pat_hf.data.sources import load_splits
 
 INSTEAD = {

@@ -9,7 +9,7 @@ import torch
 import yaml
 from timm.loss import BinaryCrossEntropy
 
-from pat_hf.config.parser import parse_arguments
+from pat_hf.cli.parser import parse_arguments
 from pat_hf.data.transforms import build_criterion
 
 torch.set_num_threads(1)

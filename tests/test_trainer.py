@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pat_hf.cli import train as pat_train
-from pat_hf.config.parser import parse_arguments
+from pat_hf.cli.parser import parse_arguments
 from pat_hf.distillers import DistillArguments, DistillContext
 from pat_hf.distillers.kd import KD
 from pat_hf.models.factory import create_model

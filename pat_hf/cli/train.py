@@ -28,8 +28,8 @@ import transformers
 from transformers import TrainerCallback, set_seed
 
 from pat_hf.cli import train_command
+from pat_hf.cli.parser import read_command_line
 from pat_hf.config.arguments import RunArguments
-from pat_hf.config.parser import read_command_line
 from pat_hf.data.examples import attach_transform, training_set
 from pat_hf.data.labels import check_labels, class_names_of, resolve_num_classes, train_labels_of
 from pat_hf.data.samplers import check_aug_repeats

@@ -1,4 +1,4 @@
-"""The run's settings as dataclasses, parsed by `HfArgumentParser` (pat_hf/config/parser.py).
+"""The run's settings as dataclasses, parsed by `HfArgumentParser` (pat_hf/cli/parser.py).
 
 The reference's flag names work (`--batch-size`, `--lr`, `--epochs`, `--clip-grad`, ...) next to HF's own
 (`--output_dir`, `--logging_steps`, ...). Each dataclass checks its own values; none of them starts anything.
@@ -10,14 +10,11 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from timm.optim import list_optimizers
 from transformers import TrainingArguments
-
-if TYPE_CHECKING:
-    from pat_hf.distillers import DistillArguments
 
 SCHEDULERS = ("cosine", "step", "tanh", "poly", "constant")
 
@@ -110,6 +107,17 @@ class DataArguments:
             raise ValueError("--samples-per-epoch is for --streaming runs; use --max-train-samples for a subset")
         if self.shuffle_buffer_size < 1:
             raise ValueError(f"--shuffle-buffer-size must be at least 1, got {self.shuffle_buffer_size}")
+
+
+@dataclass
+class DistillArguments:
+    """Hyper-parameters shared by every distiller (the reference's names)."""
+
+    # The choices are listed from the registry when the parser is built (pat_hf/cli/parser.py).
+    distiller: str = field(default="ofa", metadata={"help": "distillation method"})
+    gt_loss_weight: float = field(default=1.0, metadata={"help": "weight of the ground-truth (CE) term"})
+    kd_loss_weight: float = field(default=1.0, metadata={"help": "weight of the logit distillation term"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD term"})
 
 
 @dataclass

@@ -8,13 +8,14 @@ given labels, returns the cross-entropy evaluation loss as any Hugging Face mode
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pat_hf.config.arguments import DistillArguments
 from pat_hf.models.stages.layer import StageLayer
 from pat_hf.models.stages.plan import NUM_STAGES, StageOutput
 
@@ -42,17 +43,6 @@ def get_distiller_class(name: str) -> type[Distiller]:
         return DISTILLERS[name.lower()]
     except KeyError:
         raise ValueError(f"unknown distiller {name!r}; choose one of {', '.join(sorted(DISTILLERS))}") from None
-
-
-@dataclass
-class DistillArguments:
-    """Hyper-parameters shared by every distiller (the reference's names)."""
-
-    # The choices are listed from the registry when the parser is built (pat_hf/config/parser.py).
-    distiller: str = field(default="ofa", metadata={"help": "distillation method"})
-    gt_loss_weight: float = field(default=1.0, metadata={"help": "weight of the ground-truth (CE) term"})
-    kd_loss_weight: float = field(default=1.0, metadata={"help": "weight of the logit distillation term"})
-    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD term"})
 
 
 @dataclass(frozen=True)
