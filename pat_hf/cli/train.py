@@ -31,7 +31,13 @@ from pat_hf.cli import train_command
 from pat_hf.cli.parser import read_command_line
 from pat_hf.config.arguments import RunArguments
 from pat_hf.data.examples import attach_transform, training_set
-from pat_hf.data.labels import check_labels, class_names_of, resolve_num_classes, train_labels_of
+from pat_hf.data.labels import (
+    check_labels,
+    class_names_of,
+    kept_labels,
+    resolve_num_classes,
+    train_labels_of,
+)
 from pat_hf.data.samplers import check_aug_repeats
 from pat_hf.data.sources import load_splits
 from pat_hf.data.transforms import (
@@ -44,6 +50,7 @@ from pat_hf.data.transforms import (
     resolve_data_config_for,
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
+from pat_hf.distillers.base import check_data_support
 from pat_hf.export.card import run_card_info
 from pat_hf.export.hub import prepare_push, push_student
 from pat_hf.export.student import export_trained_student
@@ -94,14 +101,12 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     hub_repo = prepare_push(args.training)
 
     distiller_cls = get_distiller_class(args.distill.distiller)
-    indexed_data = distiller_cls.needs_train_labels or "index" in distiller_cls.batch_keys
-    if args.data.streaming and indexed_data:
-        raise ValueError(f"--distiller {args.distill.distiller} needs the index and label of every training example, "
-                         f"which a stream does not give; drop --streaming")
+    check_data_support(distiller_cls, args.data)
     data_seed = args.training.data_seed if args.training.data_seed is not None else args.training.seed
     train_set, eval_set, source = load_splits(args.data, seed=data_seed)
     num_classes = resolve_num_classes(train_set, args.model.num_classes)
-    check_labels(train_set, eval_set, num_classes)
+    check_labels(train_set, eval_set, num_classes, allow_unlabelled=args.data.allow_unlabelled)
+    labelled = kept_labels(train_set, args.data, data_seed, announce=args.training.process_index == 0)
     student = create_student(args.model, num_classes)
     img_size = args.model.img_size or args.model.model_kwargs.get("img_size")
     data_config = resolve_data_config_for(args.data, student, img_size, source)
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     train_transform, eval_transform = build_transforms(args.data, data_config)
     train_set = training_set(args.data, train_set, train_transform, num_classes=num_classes,
                              with_index="index" in distiller_cls.batch_keys, batch_size=batch_size,
-                             rank=args.training.process_index, world_size=args.training.world_size)
+                             rank=args.training.process_index, world_size=args.training.world_size,
+                             labelled=labelled)
     eval_set = attach_transform(eval_set, eval_transform, strict_images=args.data.strict_images,
                                 num_classes=num_classes, max_samples=args.data.max_eval_samples)
     args.training.per_device_eval_batch_size = args.data.validation_batch_size or batch_size
@@ -144,6 +150,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     start_output_dir(args)
 
     train_result = trainer.train(resume_from_checkpoint=resume_from)
+    labelled_examples = None if labelled is None else int(labelled.sum())
+    if labelled_examples is not None:
+        train_result.metrics["train_labelled_examples"] = labelled_examples
     trainer.save_state()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
@@ -152,7 +161,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     trainer.save_metrics("eval", metrics)
 
     if trainer.is_world_process_zero():
-        card = run_card_info(args, distiller_cls, source, eval_set, num_classes, data_config, metrics)
+        card = run_card_info(args, distiller_cls, source, eval_set, num_classes, data_config, metrics,
+                             labelled_examples)
         exported = memory_format.for_export(ema.named_models()[0][1] if args.recipe.export_ema else distiller.student)
         student_dir = os.path.join(args.training.output_dir, "student")
         export_trained_student(

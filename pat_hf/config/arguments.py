@@ -99,6 +99,11 @@ class DataArguments:
     bce_loss: bool = field(default=False, metadata=_help("binary cross-entropy instead of (soft) cross-entropy"))
     aug_repeats: int = field(default=0, metadata=_help(
         "repeated augmentation: each image N times per epoch, on different processes (distributed runs only)"))
+    label_fraction: float = field(default=1.0, metadata=_help(
+        "keep the labels of this fraction of the training examples (per class, drawn with --data_seed, else "
+        "--seed); the others are trained with the distillation terms alone"))
+    allow_unlabelled: bool = field(default=False, metadata=_help(
+        "accept training rows labelled -1 as unlabelled examples (trained with the distillation terms alone)"))
 
     def __post_init__(self):
         if self.streaming and self.aug_repeats:
@@ -107,6 +112,11 @@ class DataArguments:
             raise ValueError("--samples-per-epoch is for --streaming runs; use --max-train-samples for a subset")
         if self.shuffle_buffer_size < 1:
             raise ValueError(f"--shuffle-buffer-size must be at least 1, got {self.shuffle_buffer_size}")
+        if not 0 < self.label_fraction <= 1:  # NaN too
+            raise ValueError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
+        if self.label_fraction < 1 and self.streaming:
+            raise ValueError("--label-fraction draws a fixed subset of a map-style dataset's rows; drop it or "
+                             "--streaming (a stream's -1 rows are unlabelled with --allow-unlabelled)")
 
 
 @dataclass

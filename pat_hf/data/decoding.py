@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 SKIPPED_IMAGES = "skipped_images"
 # Examples and batches a resumed streaming run passes over without decoding (it trained on them already).
 RESUME_SKIPPED = "resume_skipped"
+# How a label column marks an unlabelled row, and the label an unlabelled example carries up to the batch.
+UNLABELLED = -1
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # What PIL raises on a file that is not an image, is truncated or cannot become RGB (SyntaxError: some
@@ -47,18 +49,30 @@ _DECODER = datasets.Image()
 @dataclass(frozen=True)
 class ExampleReader:
     """Turns an encoded image (`{"bytes", "path"}`) and its label into a model input. An unreadable image gives
-    `pixel_values` None, which the collator drops and counts, or with `strict_images` an error naming it."""
+    `pixel_values` None, which the collator drops and counts, or with `strict_images` an error naming it.
+    With `allow_unlabelled`, label -1 marks an unlabelled example and every example says whether it is
+    `labelled`."""
 
     transform: Callable[[Image.Image], torch.Tensor]
     num_classes: int | None = None
     strict_images: bool = False
     split: str = "training"
+    allow_unlabelled: bool = False
 
     def read(self, encoded: dict[str, Any], label: int, where: str) -> dict[str, Any]:
         where = encoded.get("path") or where
-        if self.num_classes is not None and not 0 <= label < self.num_classes:
+        unlabelled = self.allow_unlabelled and label == UNLABELLED
+        if self.num_classes is not None and not unlabelled and not 0 <= label < self.num_classes:
+            hint = ("; --allow-unlabelled trains on -1 rows with the distillation terms alone"
+                    if self.split == "training" and not self.allow_unlabelled else "")
             raise ValueError(f"label {label} of {where} is outside 0..{self.num_classes - 1}: use a labelled split "
-                             f"(--train-split / --val-split) or fix the label column")
+                             f"(--train-split / --val-split) or fix the label column{hint}")
+        example = self._decode(encoded, label, where)
+        if self.allow_unlabelled:
+            example["labelled"] = not unlabelled
+        return example
+
+    def _decode(self, encoded: dict[str, Any], label: int, where: str) -> dict[str, Any]:
         try:
             image = to_rgb(_DECODER.decode_example(encoded))
         except UNREADABLE_IMAGE_ERRORS as error:
@@ -74,13 +88,18 @@ class ExampleReader:
 
 class ImageExamples(torch.utils.data.Dataset):
     """A map-style split whose rows become `pixel_values`/`labels` (and `index`, the row's position) as they
-    are drawn; the images stay encoded until then."""
+    are drawn; the images stay encoded until then. `labelled` (one bool per row, for a reader that allows
+    unlabelled examples) hides the labels of the rows it marks False."""
 
-    def __init__(self, dataset: Dataset, reader: ExampleReader, with_index: bool = False):
+    def __init__(self, dataset: Dataset, reader: ExampleReader, with_index: bool = False,
+                 labelled: np.ndarray | None = None):
+        if labelled is not None and not reader.allow_unlabelled:
+            raise ValueError("hiding labels needs a reader that allows unlabelled examples")
         self.features, self.split = dataset.features, dataset.split
         self.dataset = dataset.cast_column("image", datasets.Image(decode=False))
         self.reader = reader
         self.with_index = with_index
+        self.labelled = labelled
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -92,6 +111,8 @@ class ImageExamples(torch.utils.data.Dataset):
         rows = self.dataset[indices]
         examples = []
         for index, encoded, label in zip(indices, rows["image"], rows["label"]):
+            if self.labelled is not None and not self.labelled[index]:
+                label = UNLABELLED
             example = self.reader.read(encoded, label, f"{self.reader.split} row {index}")
             if self.with_index:
                 example["index"] = index

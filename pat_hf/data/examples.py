@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from datasets import IterableDataset
 
@@ -26,11 +27,14 @@ def attach_transform(dataset: Split, transform: Callable, with_index: bool = Fal
 
 
 def training_set(args: DataArguments, train: Split, transform: Callable, *, num_classes: int, with_index: bool,
-                 batch_size: int, rank: int, world_size: int) -> torch.utils.data.Dataset:
-    """The training examples: a map-style split, or a stream cut into epochs (`StreamedTrainingSet`)."""
+                 batch_size: int, rank: int, world_size: int,
+                 labelled: np.ndarray | None = None) -> torch.utils.data.Dataset:
+    """The training examples: a map-style split, or a stream cut into epochs (`StreamedTrainingSet`).
+    `labelled` (map-style splits): the rows that keep their label, when some do not (`labelled_rows`); each
+    example then says whether it is labelled. A stream's examples do with --allow-unlabelled (-1 rows)."""
     if isinstance(train, IterableDataset):
-        reader = ExampleReader(transform, num_classes, args.strict_images, "training")
+        reader = ExampleReader(transform, num_classes, args.strict_images, "training", args.allow_unlabelled)
         return StreamedTrainingSet(train, reader, samples_per_epoch=default_samples_per_epoch(args, train),
                                    batch_size=batch_size, rank=rank, world_size=world_size)
-    return attach_transform(train, transform, with_index, strict_images=args.strict_images, num_classes=num_classes,
-                            split="training")
+    reader = ExampleReader(transform, num_classes, args.strict_images, "training", labelled is not None)
+    return ImageExamples(train, reader, with_index, labelled)

@@ -51,6 +51,8 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
              "labels": torch.tensor([e["labels"] for e in readable], dtype=torch.long)}
     if "index" in readable[0]:
         batch["index"] = torch.tensor([e["index"] for e in readable], dtype=torch.long)
+    if "labelled" in readable[0]:
+        batch["labelled"] = torch.tensor([e["labelled"] for e in readable], dtype=torch.bool)
     return batch
 
 
@@ -80,10 +82,18 @@ class SharedSwitchMixup(Mixup):
         self._enabled.fill_(bool(enabled))
 
 
+def mixed_labelled(labelled: torch.Tensor) -> torch.Tensor:
+    """Which examples of a mixed batch keep a ground-truth target: timm mixes example i with example B-1-i (every
+    mode), so a mixed target is known only when both are labelled. A pair counts as mixed even where timm drew
+    no mixing for it (--mixup-prob below 1, elem/pair modes): its mixing weight is not returned."""
+    return labelled & labelled.flip(0)
+
+
 @dataclass
 class MixupCollator:
     """Collates training batches and mixes them with timm's Mixup/CutMix, which also smooths the labels
-    (the reference's collate-time mixing). `mixup_enabled` is switched off at --mixup-off-epoch."""
+    (the reference's collate-time mixing). `mixup_enabled` is switched off at --mixup-off-epoch. A batch with
+    `labelled` keeps it true only where the mixed target is known (`mixed_labelled`)."""
 
     mixup: Mixup
 
@@ -97,7 +107,13 @@ class MixupCollator:
             if len(batch["labels"]) == 1:
                 raise ValueError("only one image of a mixup batch could be read: check the data")
             batch = {k: v if k == SKIPPED_IMAGES else v[:-1] for k, v in batch.items()}
-        batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], batch["labels"])
+        labels = batch["labels"]
+        if "labelled" in batch:
+            # timm's one-hot needs a class: an unlabelled example lends class 0 to a target that is never used.
+            labels = labels.clamp(min=0)
+            if self.mixup.mixup_enabled:
+                batch["labelled"] = mixed_labelled(batch["labelled"])
+        batch["pixel_values"], batch["labels"] = self.mixup(batch["pixel_values"], labels)
         return batch
 
 

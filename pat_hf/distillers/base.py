@@ -3,6 +3,10 @@
 A distiller's `forward` is the whole training computation (student, teacher, extra modules, losses), so that
 the Trainer's prepared model (DDP, autocast) covers all of it. In evaluation mode it runs the student alone and,
 given labels, returns the cross-entropy evaluation loss as any Hugging Face model does.
+
+A training batch may carry `labelled` (bool, one per example; --label-fraction, --allow-unlabelled): the
+ground-truth term then averages over the labelled examples alone and every distillation term over all of them
+(docs/REFERENCE.md, Few labels). Only distillers with `supports_unlabelled` are given such batches.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pat_hf.config.arguments import DistillArguments
+from pat_hf.config.arguments import DataArguments, DistillArguments
 from pat_hf.models.stages.layer import StageLayer
 from pat_hf.models.stages.plan import NUM_STAGES, StageOutput
 
@@ -92,6 +96,9 @@ class Distiller(nn.Module):
     batch_keys: ClassVar[tuple[str, ...]] = ()
     # Whether the DistillContext must carry the training set's labels (CRD draws its negatives from them).
     needs_train_labels: ClassVar[bool] = False
+    # Whether forward_train takes `labelled` and handles unlabelled examples (docs/REFERENCE.md, Few labels). Off
+    # by default: a distiller that ignored the mask would learn the placeholder labels of unlabelled examples.
+    supports_unlabelled: ClassVar[bool] = False
     # The reference's names for this distiller's modules: (pattern, replacement) pairs applied in order to the keys
     # of its saved state (pat_hf/reference/convert.py), and our top-level module names -> the reference's, for
     # reporting gradient norms by module (pat_hf/reference/check.py).
@@ -136,12 +143,18 @@ class Distiller(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
-                **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+                labelled: torch.Tensor | None = None, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
         if labels is None:
             return {"logits": self.student(pixel_values)}
         if not self.training:
             logits = self.student(pixel_values)
             return {"loss": F.cross_entropy(logits.float(), hard_labels(labels)), "logits": logits}
+        if labelled is not None:
+            refusal = unlabelled_refusal(type(self))
+            if refusal:
+                raise ValueError(refusal)
+            # Only when present, so that distillers written before few labels keep their signature.
+            batch["labelled"] = labelled
         logits, losses = self.forward_train(pixel_values, labels, **batch)
         return {"loss": sum(losses.values()), "logits": logits, **losses}
 
@@ -149,8 +162,29 @@ class Distiller(nn.Module):
                       **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def gt_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.common.gt_loss_weight * self.criterion(logits, labels)
+    def gt_loss(self, logits: torch.Tensor, labels: torch.Tensor,
+                labelled: torch.Tensor | None = None) -> torch.Tensor:
+        """gt_loss_weight * the criterion, averaged over the labelled examples only (all when `labelled` is None);
+        0 for a batch without any, so that its distillation terms still train the student."""
+        if labelled is None:
+            return self.common.gt_loss_weight * self.criterion(logits, labels)
+        labelled = labelled.bool()
+        if not bool(labelled.any()):
+            # Zero, yet part of the graph: a step whose only term this is (vanilla) still runs its backward.
+            return logits.sum() * 0.0
+        # Every criterion averages a per-example loss over the batch, so the labelled rows alone give the mean
+        # over the labelled examples, label smoothing and soft (mixed) targets included.
+        return self.common.gt_loss_weight * self.criterion(logits[labelled], labels[labelled])
+
+    @staticmethod
+    def target_classes(labels: torch.Tensor, teacher_logits: torch.Tensor,
+                       labelled: torch.Tensor | None = None) -> torch.Tensor:
+        """The class of each example for distillation terms that need one (DKD, OFA): its label, or the teacher's
+        prediction for an unlabelled example (whose label is a placeholder)."""
+        classes = hard_labels(labels)
+        if labelled is None:
+            return classes
+        return torch.where(labelled.bool(), classes, teacher_logits.argmax(dim=-1))
 
     def kd_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """kd_loss_weight * KD(teacher -> student) at kd_temperature, the logit term of KD, FitNet and PAT."""
@@ -185,20 +219,49 @@ class Distiller(nn.Module):
 
 
 class LogitDistiller(Distiller):
-    """A distiller whose only teacher signal is its logits: CE + kd_loss_weight * `logit_loss`."""
+    """A distiller whose only teacher signal is its logits: CE + kd_loss_weight * `logit_loss`.
+
+    `logit_loss` gets labels in which an unlabelled example's class is the teacher's prediction."""
+
+    supports_unlabelled = True
 
     def logit_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor | None = None,
                       **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
         teacher_logits = self.teacher_logits(images)
+        targets = labels if labelled is None else self.target_classes(labels, teacher_logits, labelled)
         return logits, {
-            "loss_gt": self.gt_loss(logits, labels),
-            "loss_kd": self.common.kd_loss_weight * self.logit_loss(logits, teacher_logits, labels),
+            "loss_gt": self.gt_loss(logits, labels, labelled),
+            "loss_kd": self.common.kd_loss_weight * self.logit_loss(logits, teacher_logits, targets),
         }
+
+
+def unlabelled_refusal(distiller_cls: type[Distiller]) -> str | None:
+    """Why `distiller_cls` cannot train on unlabelled examples, as one line, or None when it can."""
+    flags = "--label-fraction below 1 or unlabelled rows (--allow-unlabelled)"
+    if distiller_cls.needs_train_labels:
+        return (f"--distiller {distiller_cls.name} needs the class of every training example, which {flags} "
+                f"leave unknown (docs/REFERENCE.md, Few labels); use another distiller")
+    if not distiller_cls.supports_unlabelled:
+        return (f"--distiller {distiller_cls.name} does not handle unlabelled examples, which {flags} give "
+                f"(docs/ADDING_A_DISTILLER.md, Few labels)")
+    return None
+
+
+def check_data_support(distiller_cls: type[Distiller], data: DataArguments) -> None:
+    """Refuse, before any data is read, a distiller the run's data cannot serve: one that indexes the training
+    set on a stream, or one that needs every label with few labels."""
+    if data.streaming and (distiller_cls.needs_train_labels or "index" in distiller_cls.batch_keys):
+        raise ValueError(f"--distiller {distiller_cls.name} needs the index and label of every training example, "
+                         f"which a stream does not give; drop --streaming")
+    if data.label_fraction < 1 or data.allow_unlabelled:
+        refusal = unlabelled_refusal(distiller_cls)
+        if refusal:
+            raise ValueError(refusal)
 
 
 def _drop_teacher_from_state_dict(module, state_dict, prefix, local_metadata):

@@ -26,6 +26,7 @@ def correlation_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor) -
 
 @register_distiller("correlation")
 class Correlation(Distiller):
+    supports_unlabelled = True
     reference_renames = (
         (r"^embed_s\.linear\.", "embed_student."),
         (r"^embed_t\.linear\.", "embed_teacher."),
@@ -40,7 +41,7 @@ class Correlation(Distiller):
         self.embed_student = nn.Linear(self.student_stages.pooled_dim, hparams.correlation_feat_dim)
         self.embed_teacher = nn.Linear(self.teacher_stages.pooled_dim, hparams.correlation_feat_dim)
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor | None = None,
                       **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if images.shape[0] < 2:
             raise ValueError("--distiller correlation pairs consecutive samples; it needs batches of at least 2")
@@ -49,6 +50,6 @@ class Correlation(Distiller):
         congruence = correlation_loss(self.embed_student(student.pooled.flatten(1)),
                                       self.embed_teacher(teacher.pooled.flatten(1)))
         return student.logits, {
-            "loss_gt": self.gt_loss(student.logits, labels),
+            "loss_gt": self.gt_loss(student.logits, labels, labelled),
             "loss_kd": self.common.kd_loss_weight * self.hparams.correlation_scale * congruence,
         }

@@ -6,6 +6,10 @@ The batch must carry `index`; the negatives are drawn here from `DistillContext.
 reference's dataset drew them (uniformly, with replacement, among the other classes' examples). A batch may
 instead carry them as `contrast_index` (B, 1 + K): each example's own index first, then its K negatives (how
 reference_check replays the reference's draws).
+
+Unlabelled examples (--label-fraction, --allow-unlabelled) are refused: their class is unknown, so negatives of
+"another class" cannot be drawn for them, nor can they be excluded from a labelled example's negatives
+(docs/REFERENCE.md, Few labels).
 """
 
 from __future__ import annotations

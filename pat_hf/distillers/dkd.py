@@ -2,6 +2,9 @@
 
 The reference reads hyper-parameters that do not exist and crashes on its first step (docs/REFERENCE.md,
 Distillers); this is the formula it evidently meant, with `--dkd-alpha/--dkd-beta/--dkd-temperature`.
+
+The target class splits both terms; for an unlabelled example (--label-fraction, --allow-unlabelled) it is the
+teacher's predicted class (`LogitDistiller`), so TCKD and NCKD still train on it (docs/REFERENCE.md, Few labels).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ class FitNetArguments:
 
 @register_distiller("fitnet")
 class FitNet(Distiller):
+    supports_unlabelled = True
     reference_module_names = {"aligners": "projector"}
     Arguments = FitNetArguments
     requires_stages = True
@@ -61,7 +62,7 @@ class FitNet(Distiller):
         # The reference's CNN->CNN aligner has no bias; its aligners involving tokens do.
         return GridAligner(s.channels, s.size, t.channels, t.size, bias=s.is_sequence or t.is_sequence)
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor | None = None,
                       **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = self.student_stages(images)
         teacher = self.teacher_features(images)
@@ -69,7 +70,7 @@ class FitNet(Distiller):
                               self.teacher_grids[k].to_map(teacher.stages[k - 1]))
                    for k in self.hparams.fitnet_stages)
         return student.logits, {
-            "loss_gt": self.gt_loss(student.logits, labels),
+            "loss_gt": self.gt_loss(student.logits, labels, labelled),
             "loss_kd": self.kd_term(student.logits, teacher.logits),
             "loss_fitnet": self.hparams.fitnet_loss_weight * hint,
         }

@@ -8,6 +8,10 @@ which are wrong for narrowed models; we take them from the real models, and `fro
 the width back from a reference state. For token students (ViT, Swin, MLP) the reference crashes
 (docs/REFERENCE.md, Distillers); here the prefix tokens are dropped and the grid is merged down to the resolution of a
 standard last stage (input side / 32, i.e. the reference's 7 at 224 pixels), whatever its size.
+
+Unlabelled examples (--label-fraction, --allow-unlabelled): no CE; the OFA terms, which add the one-hot label to
+the teacher's distribution before raising it to eps, take the teacher's predicted class as that label
+(docs/REFERENCE.md, Few labels).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from pat_hf.distillers.base import (
     DistillContext,
     Distiller,
     check_stage_selection,
-    hard_labels,
     register_distiller,
 )
 from pat_hf.models.stages.plan import NUM_STAGES
@@ -68,6 +71,7 @@ def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target_
 
 @register_distiller("ofa")
 class OFA(Distiller):
+    supports_unlabelled = True
     reference_renames = (
         # Map heads: `projector.<stage>.<block>.op.<layer>` separable downsampling blocks.
         (r"^projector\.(\d+)\.(\d+)\.op\.0\.", r"branch_heads.\1.features.\2.downsample_dw."),
@@ -126,18 +130,19 @@ class OFA(Distiller):
             raise ValueError(f"cannot read the OFA head width from the reference state (classifier widths {widths})")
         return cls(student, teacher, common, hparams, context, head_width=widths.pop())
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor | None = None,
                       **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student = self.student_stages(images)
         teacher_logits = self.teacher_logits(images)
-        target_mask = F.one_hot(hard_labels(labels), student.logits.shape[-1]).to(student.logits.dtype)
+        target_mask = F.one_hot(self.target_classes(labels, teacher_logits, labelled),
+                                student.logits.shape[-1]).to(student.logits.dtype)
         temperature = self.hparams.ofa_temperature
         branch_losses = [
             ofa_loss(self.branch_heads[str(k)](self.grids[k].to_map(student.stages[k - 1])), teacher_logits,
                      target_mask, eps, temperature)
             for k, eps in zip(self.hparams.ofa_stage, self.eps)]
         return student.logits, {
-            "loss_gt": self.gt_loss(student.logits, labels),
+            "loss_gt": self.gt_loss(student.logits, labels, labelled),
             "loss_kd": self.common.kd_loss_weight * ofa_loss(student.logits, teacher_logits, target_mask,
                                                              self.eps[-1], temperature),
             "loss_ofa": self.hparams.ofa_loss_weight * sum(branch_losses),

@@ -6,6 +6,9 @@ Loss = CE(student) + KD(unprompted teacher -> student)
 Prompt blocks before the selected teacher stages are fed the previous step's detached student-teacher gap;
 region-aware attention mixes the student's stages before each is aligned to its teacher stage.
 `--pat-mode` chooses the published code's quirks (all of them) or none (docs/REFERENCE.md, Quirks).
+
+Only the CE term uses labels: an unlabelled example (--label-fraction, --allow-unlabelled) is trained by the KD,
+HCL and prompted-teacher terms alone.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def _grids(stages: StageLayer, shapes: list[tuple[int, ...]], quirks: PATQuirks)
 
 @register_distiller("pat")
 class PAT(Distiller):
+    supports_unlabelled = True
     reference_renames = (
         (r"\.fb_aligner\.", ".feedback_aligner."),
         (r"\.fusion_block\.", ".fusion."),
@@ -100,7 +104,8 @@ class PAT(Distiller):
             return [None] * NUM_STAGES
         return [s - t for s, t in zip(self._feedback_student, self._feedback_teacher)]
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, **batch):
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor | None = None,
+                      **batch: torch.Tensor):
         student = self.student_stages(images)
         teacher_logits = self.teacher_logits(images)
         feedback = self._feedback(images.shape[0])
@@ -120,7 +125,7 @@ class PAT(Distiller):
 
         hp = self.hparams
         return student.logits, {
-            "loss_gt": self.gt_loss(student.logits, labels),
+            "loss_gt": self.gt_loss(student.logits, labels, labelled),
             "loss_kd": self.kd_term(student.logits, teacher_logits),
             "loss_pat_mse": hp.pat_mse_loss_weight * feature_loss,
             "loss_pat_reg": hp.pat_reg_loss_weight * kd_loss(prompted.logits, teacher_logits),

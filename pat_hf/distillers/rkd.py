@@ -49,10 +49,11 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 
 @register_distiller("rkd")
 class RKD(Distiller):
+    supports_unlabelled = True
     Arguments = RKDArguments
     requires_stages = True
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor,
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor | None = None,
                       **batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if images.shape[0] < 2:
             raise ValueError("--distiller rkd relates the samples of a batch; it needs batches of at least 2")
@@ -63,6 +64,6 @@ class RKD(Distiller):
         relation = (hp.rkd_distance_weight * rkd_distance_loss(s, t, hp.rkd_squared, hp.rkd_eps)
                     + hp.rkd_angle_weight * rkd_angle_loss(s, t))
         return student.logits, {
-            "loss_gt": self.gt_loss(student.logits, labels),
+            "loss_gt": self.gt_loss(student.logits, labels, labelled),
             "loss_kd": self.common.kd_loss_weight * relation,
         }

@@ -247,16 +247,24 @@ def recipe_settings(args: RunArguments) -> dict[str, Any]:
         unused.add("amp_dtype")
     if not any(name in recipe.opt for name in MOMENTUM_OPTIMIZERS):
         unused.add("momentum")
-    return {k: v for k, v in args.recipe_summary().items()
+    # Few labels (--label-fraction, --allow-unlabelled) shape what the student learnt from; shown when in use.
+    few_labels = {"label_fraction": args.data.label_fraction if args.data.label_fraction < 1 else None,
+                  "allow_unlabelled": args.data.allow_unlabelled}
+    return {k: v for k, v in {**args.recipe_summary(), **few_labels}.items()
             if k not in unused and v is not None and v is not False and v != []}
 
 
 def run_card_info(args: RunArguments, distiller_cls: type, source: DatasetSource | None, eval_set: datasets.Dataset,
-                  num_classes: int, data_config: dict[str, Any], metrics: dict[str, float]) -> ModelCardInfo:
-    """What the model card of a finished run says: the pair, the data, the settings that shaped it, its metrics."""
+                  num_classes: int, data_config: dict[str, Any], metrics: dict[str, float],
+                  labelled_examples: int | None = None) -> ModelCardInfo:
+    """What the model card of a finished run says: the pair, the data, the settings that shaped it, its metrics;
+    `labelled_examples`: how many training examples kept their label, when some did not."""
+    recipe = recipe_settings(args)
+    if labelled_examples is not None:
+        recipe["labelled_examples"] = labelled_examples
     return ModelCardInfo(
         student=args.model.model, teacher=args.model.teacher, teacher_weights=args.model.teacher_pretrained,
         distiller=args.distill.distiller, dataset=dataset_card_name(args.data, source),
         eval_split=evaluated_split(eval_set, args.data, source), dataset_config=args.data.dataset_config_name,
         num_classes=num_classes, input_size=tuple(data_config["input_size"]), exported_ema=args.recipe.export_ema,
-        distiller_settings=distiller_settings(args, distiller_cls), recipe=recipe_settings(args), metrics=metrics)
+        distiller_settings=distiller_settings(args, distiller_cls), recipe=recipe, metrics=metrics)
