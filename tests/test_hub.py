@@ -182,14 +182,16 @@ def _http_error(status: int) -> Exception:
     raise AssertionError(f"HTTP {status} did not raise")
 
 
-def test_a_refused_token_fails_in_one_line_before_anything_is_written(tmp_path, fake_hub, monkeypatch):
+def test_a_refused_token_fails_in_one_line_before_anything_is_written(tmp_path, fake_hub, monkeypatch, capsys):
     fake_hub.refuse = _http_error(401)
     output = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["pat-hf-train", *tiny_run(output, None, "--distiller", "vanilla",
                                                                  "--push-to-hub", "--hub_model_id", "me/x")])
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         pat_train.cli()
-    message = str(exit_info.value.code)
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err.strip()
     assert message.startswith("pat-hf-train: cannot push to the Hub repository 'me/x': Client error '401")
     assert "hf auth login" in message and "\n" not in message
     assert _names(fake_hub.calls) == ["create_repo"] and not output.exists()
