@@ -253,13 +253,17 @@ class _CalibrationImages(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: batch.float().numpy()}
 
 
-def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, *, method: Int8Method = "static",
-                  calibration: torch.Tensor | None = None) -> dict[str, Any]:
-    """Quantise an fp32 ONNX file to int8 with ONNX Runtime; returns how (for onnx_check.json)."""
+def _check_int8_options(method: str, calibration: torch.Tensor | None) -> None:
     if method not in ("static", "dynamic"):
         raise OnnxExportError(f"unknown int8 method {method!r}; use static or dynamic")
     if method == "static" and (calibration is None or len(calibration) == 0):
         raise OnnxExportError("static int8 quantisation needs calibration images (a subset of the training data)")
+
+
+def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, *, method: Int8Method = "static",
+                  calibration: torch.Tensor | None = None) -> dict[str, Any]:
+    """Quantise an fp32 ONNX file to int8 with ONNX Runtime; returns how (for onnx_check.json)."""
+    _check_int8_options(method, calibration)
     # ONNX Runtime's recommended pre-processing: shape inference and graph fusions, so that quantisation sees the
     # fused operators it will run.
     prepared = Path(int8_path).with_name("prepared.onnx")
@@ -356,6 +360,8 @@ def export_student_onnx(folder: str | os.PathLike, batches: Iterable[Batch], *, 
     records everything, and `OnnxCheckError` says what failed. `calibration`: training images for static int8."""
     folder = Path(folder)
     preprocessing = read_preprocessing(folder)
+    if int8:
+        _check_int8_options(int8_method, calibration)
     model = load_student_folder(folder)
     name = model.pretrained_cfg.get("architecture") or type(model).__name__
     config = json.loads((folder / "config.json").read_text())
