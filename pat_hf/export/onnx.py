@@ -90,6 +90,10 @@ class UnsupportedOperatorError(OnnxExportError):
         self.operator = operator
 
 
+class QuantizationError(OnnxExportError):
+    """ONNX Runtime could not quantise the fp32 export (which itself was fine)."""
+
+
 class OnnxCheckError(OnnxExportError):
     """An export was written but failed its check against PyTorch; `result` holds every check."""
 
@@ -383,7 +387,7 @@ def export_student_onnx(folder: str | os.PathLike, batches: Iterable[Batch], *, 
             except OnnxExportError:
                 raise
             except Exception as error:  # ONNX Runtime's quantiser fails in many ways on unusual graphs
-                raise OnnxExportError(f"{name}: ONNX Runtime's {int8_method} int8 quantisation failed: "
+                raise QuantizationError(f"{name}: ONNX Runtime's {int8_method} int8 quantisation failed: "
                                       f"{type(error).__name__}: {_first_line(str(error))[:300]}") from error
             result.int8 = OnnxCheck(INT8_FILE, "int8", f"top-1 agreement with PyTorch >= {min_int8_agreement:.0%}")
         comparisons, logit_range, result.torch_top1 = _compare(model, files, batches)
