@@ -1,19 +1,25 @@
 """Which timm families export to ONNX (fp32 and int8) and pass the export check: one line per family.
 
     OMP_NUM_THREADS=1 python benchmarks/export_coverage.py [--families levit,swin_transformer] [--output FILE.md]
+        [--max-memory-gb 6]
 
 The families, their smallest variants (random weights, narrow kwargs where even that is huge) and their input
 sizes are family_coverage.py's. Each is exported as pat-hf exports a student (a timm folder with config.json),
 then `pat_hf.export.onnx.export_student_onnx` writes model.onnx and model_int8.onnx (static QDQ, calibrated on
 digits images) and checks both against PyTorch on other digits images, resized to the family's input and
 normalised with its mean and std. Random weights give meaningless accuracies, so only the checks count: fp32
-within 1e-4 of the logit range, int8 agreeing with PyTorch's top-1 on at least 90% of the images.
+within 1e-4 of the logit range, int8 agreeing with PyTorch's top-1 on at least 90% of the images. Each family
+runs in a child process, stopped above --max-memory-gb (some exports take tens of GB) or after 3 x --timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import psutil  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -42,6 +49,7 @@ from pat_hf.models import exported_model_kwargs  # noqa: E402
 CHECK_IMAGES = 64
 CALIBRATION_IMAGES = 64
 BATCH_SIZE = 32
+ROW_MARKER = "export-coverage-row: "
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "export_coverage_cpu.md"
 
 
@@ -147,15 +155,51 @@ def markdown(rows: list[Row], minutes: float, threads: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_isolated(module: str, args: argparse.Namespace, workdir: Path) -> Row:
+    """One family in a child process: a family whose export exhausts the memory, or crashes the interpreter,
+    becomes a failed row instead of the end of the run (or of the machine's other work)."""
+    command = [sys.executable, __file__, "--worker", module, "--workdir", str(workdir), "--timeout",
+               str(args.timeout), "--threads", str(args.threads)]
+    limit = args.max_memory_gb * 2**30
+    with tempfile.TemporaryFile("w+") as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.DEVNULL, text=True)
+        process, peak, start = psutil.Process(child.pid), 0, time.perf_counter()
+        while child.poll() is None:
+            with contextlib.suppress(psutil.Error):  # the child may end between two looks
+                peak = max(peak, process.memory_info().rss)
+            if peak > limit or time.perf_counter() - start > 3 * args.timeout:
+                child.kill()
+                child.wait()
+                reason = f"used more than {args.max_memory_gb:g} GB of memory" if peak > limit else "timed out"
+                return Row(module, fp32=f"fails: {reason}", int8=f"fails: {reason}")
+            time.sleep(0.2)
+        output.seek(0)
+        line = next((line for line in output.read().splitlines() if line.startswith(ROW_MARKER)), None)
+    if line is None:
+        return Row(module, fp32=f"fails: the process ended with status {child.returncode}",
+                   int8=f"fails: the process ended with status {child.returncode}")
+    return Row(**json.loads(line.removeprefix(ROW_MARKER)))
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default="", help="comma-separated timm modules (default: all)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the Markdown report")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per family's build and per export")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--max-memory-gb", type=float, default=6, help="stop a family's export above this memory")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one family, in a child process
+    parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    if args.worker:
+        try:
+            row = run_family(args.worker, SIZES, args.timeout, args.workdir)
+        except Exception as error:  # a family whose build itself breaks is a row, not the end of the run
+            row = Row(args.worker, fp32=f"fails: {one_line(error)}", int8=f"fails: {one_line(error)}")
+        print(ROW_MARKER + json.dumps(dataclasses.asdict(row)), flush=True)
+        return ""
     modules = args.families.split(",") if args.families else timm.list_modules()
     unknown = sorted(set(modules) - set(timm.list_modules()))
     if unknown:
@@ -165,18 +209,13 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="export-coverage-") as workdir:
         for module in modules:
             family_start = time.perf_counter()
-            try:
-                row = run_family(module, SIZES, args.timeout, Path(workdir))
-            except Exception as error:  # a family whose build itself breaks is a row, not the end of the run
-                row = Row(module, fp32=f"fails: {one_line(error)}", int8=f"fails: {one_line(error)}")
+            row = run_isolated(module, args, Path(workdir))
             row.seconds = time.perf_counter() - family_start
             rows.append(row)
             print(f"{module}: {row.variant}: fp32 {row.fp32}; int8 {row.int8} ({row.seconds:.0f} s)", flush=True)
             # Rewritten after every family: a long run that is stopped still leaves its table.
             write_report(args.output, markdown(rows, (time.perf_counter() - start) / 60, args.threads))
-    table = markdown(rows, (time.perf_counter() - start) / 60, args.threads)
-    write_report(args.output, table)
-    return table
+    return markdown(rows, (time.perf_counter() - start) / 60, args.threads)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -23,6 +24,7 @@ from pat_hf.export.onnx import (
     OnnxCheckError,
     OnnxExportError,
     UnsupportedOperatorError,
+    card_section,
     export_model,
     export_student_onnx,
     load_student_folder,
@@ -114,6 +116,26 @@ def test_check_is_recorded_and_preprocessing_stays_in_the_config(exported):
     assert json.loads(metadata["label_names"]) == [str(i) for i in range(10)]
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith((".", "model"))) == \
         [ONNX_FILE, "model.safetensors", INT8_FILE]
+
+
+def test_card_section_lists_the_files_and_its_snippet_runs(exported, monkeypatch):
+    folder, result = exported
+    section = card_section(result)
+    assert f"| `{ONNX_FILE}` | fp32 | {result.fp32.size_bytes / 1e6:.2f} |" in section
+    assert f"| `{INT8_FILE}` | int8 |" in section and "static quantisation" in section
+    snippet = section.split("```python\n")[1].split("```")[0]
+    images = _digits(300, 1)[0]
+    Image.fromarray((images[0] * 0.25 + 0.5).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()).save(
+        folder / "image.png")
+    monkeypatch.chdir(folder)
+    namespace = {}
+    exec(snippet, namespace)
+    model = load_student_folder(folder)
+    with torch.no_grad():
+        expected = model(namespace["transform"](Image.open("image.png").convert("RGB")).unsqueeze(0))
+    torch.testing.assert_close(torch.from_numpy(namespace["logits"]), expected, rtol=0,
+                               atol=1e-4 * float(expected.abs().max()))
+    (folder / "image.png").unlink()
 
 
 def test_dynamic_int8_needs_no_calibration(tmp_path):

@@ -4,7 +4,7 @@
 
 writes `model.onnx` (and `model_int8.onnx`) into the folder itself, so that an upload of the folder carries them,
 and `onnx_check.json` beside them: what each check measured and whether it passed. A file whose check fails is
-not written (nor left from an earlier export: a stale file would disagree with the new weights).
+not written; an fp32-only export removes an earlier int8 file, which its onnx_check.json would not describe.
 
 The graph is one input `pixel_values` (batch, C, H, W), float32 and already preprocessed, and one output `logits`
 (batch, classes); the batch axis is dynamic. Preprocessing stays where timm and transformers read it: the
@@ -388,7 +388,7 @@ def export_student_onnx(folder: str | os.PathLike, batches: Iterable[Batch], *, 
                 raise
             except Exception as error:  # ONNX Runtime's quantiser fails in many ways on unusual graphs
                 raise QuantizationError(f"{name}: ONNX Runtime's {int8_method} int8 quantisation failed: "
-                                      f"{type(error).__name__}: {_first_line(str(error))[:300]}") from error
+                                        f"{type(error).__name__}: {_first_line(str(error))[:300]}") from error
             result.int8 = OnnxCheck(INT8_FILE, "int8", f"top-1 agreement with PyTorch >= {min_int8_agreement:.0%}")
         comparisons, logit_range, result.torch_top1 = _compare(model, files, batches)
         labelled = result.torch_top1 is not None
@@ -421,3 +421,42 @@ def write_check(folder: str | os.PathLike, result: OnnxExportResult) -> Path:
     write_text_atomically(path, json.dumps(result.to_dict(), indent=2) + "\n")
     return path
 
+
+
+def card_section(result: OnnxExportResult) -> str:
+    """The model card's ONNX section: the files, how each compares with PyTorch, and an ONNX Runtime snippet
+    that preprocesses an image as the folder's config.json says."""
+    rows = []
+    for check in result.checks:
+        accuracy = f"{check.top1:.2f}" if check.top1 is not None else ""
+        rows.append(f"| `{check.file}` | {check.precision} | {check.size_bytes / 1e6:.2f} | "
+                    f"{check.max_abs_diff:.1e} | {check.top1_agreement:.1%} | {accuracy} |")
+    quantization = ""
+    if result.quantization:
+        how = result.quantization
+        quantization = (f" The int8 file is ONNX Runtime's {how['method']} quantisation of the fp32 one "
+                        f"(weights {how['weights']}, activations {how['activations']}).")
+    return f"""## ONNX
+
+Exported with `torch.onnx` (opset {result.opset}, dynamic batch axis) and checked against the PyTorch model on
+{result.fp32.images} evaluation images (details in `{CHECK_FILE}`).{quantization} The input is preprocessed as
+`config.json` says (`pretrained_cfg`).
+
+| file | precision | MB | max logit difference | top-1 agreement with PyTorch | top-1 (%) |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+```python
+import json
+
+import onnxruntime
+import timm
+from PIL import Image
+
+config = json.load(open("config.json"))
+transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=config["pretrained_cfg"]))
+session = onnxruntime.InferenceSession("{ONNX_FILE}"){f'  # or "{INT8_FILE}"' if result.int8 else ""}
+pixel_values = transform(Image.open("image.png").convert("RGB")).unsqueeze(0).numpy()
+logits = session.run(["{OUTPUT_NAME}"], {{"{INPUT_NAME}": pixel_values}})[0]
+```
+"""
