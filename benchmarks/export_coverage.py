@@ -141,7 +141,8 @@ def markdown(rows: list[Row], minutes: float, threads: int) -> str:
         "# ONNX export coverage of timm families",
         "",
         f"timm {timm.__version__}, torch {torch.__version__}, {describe_machine('cpu')}, {threads} torch "
-        f"thread(s); {len(rows)} families (family_coverage.py's smallest variants, random weights); checks on "
+        f"thread(s); {len(rows)} of timm's {len(timm.list_modules())} families (family_coverage.py's smallest "
+        f"variants, random weights); checks on "
         f"{CHECK_IMAGES} digits images, int8 calibrated on {CALIBRATION_IMAGES} others; {minutes:.1f} min.",
         "",
         f"**fp32 ONNX passes its check for {fp32} of {len(rows)} families, int8 for {int8} of {len(rows)}; "
