@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -28,6 +29,8 @@ import transformers
 from transformers import TrainerCallback, set_seed
 
 from pat_hf.cli import train_command
+from pat_hf.cli.evaluate import evaluate_student
+from pat_hf.cli.export import ExportArguments, run_export
 from pat_hf.cli.parser import read_command_line
 from pat_hf.config.arguments import RunArguments
 from pat_hf.data.examples import attach_transform, training_set
@@ -51,9 +54,11 @@ from pat_hf.data.transforms import (
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
 from pat_hf.distillers.base import check_data_support
-from pat_hf.export.card import run_card_info
+from pat_hf.export.card import ModelCardInfo, run_card_info
+from pat_hf.export.cost import add_cost_to_results, measure_costs, write_cost
 from pat_hf.export.hub import prepare_push, push_student
-from pat_hf.export.student import export_trained_student
+from pat_hf.export.onnx import card_section
+from pat_hf.export.student import export_trained_student, rewrite_card
 from pat_hf.metrics import TopkMetrics, top_k_indices
 from pat_hf.models.factory import create_student, create_teacher, exported_model_kwargs
 from pat_hf.training.callbacks import MixupOffCallback
@@ -171,11 +176,37 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
             data_config=data_config, class_names=class_names_of(train_set), card=card, pretrained=args.model.pretrained,
             summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
         print(f"pat-hf: exported the student to {student_dir}", flush=True)
+        add_deployment_facts(student_dir, card, exported, teacher, args, trainer.get_eval_dataloader(),
+                             tuple(data_config["input_size"]))
         if hub_repo:
             url = push_student(student_dir, hub_repo, token=args.training.hub_token,
                                revision=args.training.hub_revision, create_pr=args.training.hub_create_pr)
             print(f"pat-hf: pushed the student to {url}", flush=True)
     return metrics
+
+
+def add_deployment_facts(student_dir: str, card: ModelCardInfo, student: torch.nn.Module,
+                         teacher: torch.nn.Module | None, args: RunArguments, eval_loader: Any,
+                         input_size: tuple[int, ...]) -> None:
+    """What a deployer asks of the export, measured on the written folder: the cost of the student against its
+    teacher (student/cost.json, the card, all_results.json) and, with --export-onnx, the checked ONNX files."""
+    if args.recipe.cost_runs and teacher is not None:
+        teacher_top1 = evaluate_student(teacher, eval_loader, progress_bar=False)["top1"]
+        teacher_file = args.model.teacher_pretrained
+        card.cost = measure_costs(
+            student, teacher, input_size, student_name=args.model.model, teacher_name=args.model.teacher,
+            student_weights=os.path.join(student_dir, "model.safetensors"),
+            teacher_weights=teacher_file if os.path.isfile(teacher_file) else None,
+            student_top1=card.metrics.get("eval_top1"), teacher_top1=teacher_top1, runs=args.recipe.cost_runs)
+        write_cost(student_dir, card.cost)
+        add_cost_to_results(args.training.output_dir, card.cost)
+    if args.recipe.export_onnx:
+        result = run_export(Path(student_dir), args.data, ExportArguments(int8=args.recipe.export_int8),
+                            args.as_dict())
+        print(result.summary(), flush=True)
+        card.onnx_section = card_section(result)
+    if card.cost or card.onnx_section:
+        rewrite_card(student_dir, card)
 
 
 def cli(argv: list[str] | None = None) -> None:

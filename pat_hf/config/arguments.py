@@ -161,8 +161,19 @@ class RecipeArguments:
     skip_nonfinite_steps: int = field(default=0, metadata=_help(
         "tolerate up to N training steps with a NaN/inf loss by skipping their update (fp16 overflow); "
         "0: stop at the first"))
+    cost_runs: int = field(default=20, metadata=_help(
+        "at the end of a run, time the student and the teacher on the CPU this many times per batch size (the "
+        "median goes to student/cost.json and the model card, with parameters and GMACs); 0: skip"))
+    export_onnx: bool = field(default=False, metadata=_help(
+        "at the end of a run, also write student/model.onnx, checked against PyTorch on the evaluation split"))
+    export_int8: bool = field(default=False, metadata=_help(
+        "with --export-onnx: also student/model_int8.onnx (ONNX Runtime static quantisation)"))
 
     def __post_init__(self):
+        if self.cost_runs < 0:
+            raise ValueError(f"--cost-runs must be 0 (skip) or more, got {self.cost_runs}")
+        if self.export_int8 and not self.export_onnx:
+            raise ValueError("--export-int8 needs --export-onnx")
         if self.skip_nonfinite_steps < 0:
             raise ValueError(f"--skip-nonfinite-steps must be 0 or more, got {self.skip_nonfinite_steps}")
         name = self.opt.lower().removeprefix("lookahead_")
@@ -268,7 +279,7 @@ class DistillTrainingArguments(TrainingArguments):
 # Settings that a resumed run may change: they do not change what the student learns.
 _DATA_NOT_IN_IDENTITY = {"validation_batch_size", "strict_images"}  # how faults are met, not what is trained
 _RECIPE_NOT_IN_IDENTITY = {"resume", "resume_ignore_changes", "skip_nonfinite_steps", "model_ema", "model_ema_decay",
-                           "export_ema", "channels_last"}
+                           "export_ema", "channels_last", "cost_runs", "export_onnx", "export_int8"}
 
 
 @dataclass

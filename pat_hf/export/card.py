@@ -15,6 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from pat_hf.config.arguments import DataArguments, RunArguments
 from pat_hf.data.sources import DatasetSource
+from pat_hf.export.cost import cost_table
 from pat_hf.export.curves import TRAINING_CURVES_FILE
 
 PROJECT_URL = "https://github.com/pat-hf/pat-hf"
@@ -47,6 +48,10 @@ class ModelCardInfo:
     distiller_settings: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # Filled once the student folder exists: the teacher-vs-student cost facts (export/cost.py) and the ONNX
+    # section (export/onnx.py), both measured on the written files.
+    cost: dict[str, Any] | None = None
+    onnx_section: str | None = None
 
     @property
     def base_model(self) -> str | None:
@@ -152,6 +157,12 @@ classifier("image.png", top_k=5)
 """
 
 
+def _cost_section(info: ModelCardInfo) -> str:
+    if not info.cost or "teacher" not in info.cost:
+        return ""
+    return f"\n## Cost: teacher vs student\n\n{cost_table(info.cost)}\n"
+
+
 def model_card(info: ModelCardInfo, model_name: str, reference: str, local: bool = True,
                with_curves: bool = False) -> ModelCard:
     results = eval_results(info)
@@ -166,6 +177,7 @@ def model_card(info: ModelCardInfo, model_name: str, reference: str, local: bool
     input_size = "×".join(map(str, info.input_size)) if info.input_size else "the model's default"
     curves = f"\n## Training curves\n\n![Training curves]({TRAINING_CURVES_FILE})\n" if with_curves else ""
     citation = f"\n## Citation\n\n```bibtex\n{CITATION}\n```\n" if info.distiller == "pat" else ""
+    onnx = f"\n{info.onnx_section.strip()}\n" if info.onnx_section else ""
     body = f"""
 # {model_name}
 
@@ -194,8 +206,8 @@ A `{info.student}` student distilled from {teacher} with `{info.distiller}` on `
 ## Evaluation
 
 {_evaluation_table(info)}
-{curves}
-{usage_section(reference, local)}{citation}"""
+{_cost_section(info)}{curves}
+{usage_section(reference, local)}{onnx}{citation}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
@@ -236,7 +248,7 @@ def recipe_settings(args: RunArguments) -> dict[str, Any]:
     """The recipe values that shaped this run: a step schedule's decay only with --sched step, EMA decays
     only with --model-ema, ...; switches that are off and unset values are left out."""
     recipe = args.recipe
-    unused = {"resume"}
+    unused = {"resume", "resume_ignore_changes", "cost_runs", "export_onnx", "export_int8"}
     if recipe.sched != "step":
         unused.add("decay_epochs")
     if recipe.sched not in ("step", "poly"):  # poly's power is --decay-rate

@@ -16,7 +16,7 @@ from torch import nn
 
 from pat_hf.export.card import ModelCardInfo, model_card
 from pat_hf.export.curves import TRAINING_CURVES_FILE, write_training_curves
-from pat_hf.training.atomic import cleaned_up_on_failure, partial_path, publish_folder
+from pat_hf.training.atomic import cleaned_up_on_failure, partial_path, publish_folder, write_text_atomically
 from pat_hf.training.nonfinite import check_finite_state
 
 
@@ -65,3 +65,12 @@ def export_trained_student(student: nn.Module, directory: str, **export_options:
         raise OSError(f"could not write the student to {directory}: {error.strerror or error}; nothing of it "
                       f"was kept and the checkpoints are intact: free space (or restore write access) and "
                       f"export it with --resume") from error
+
+
+def rewrite_card(directory: str | Path, card: ModelCardInfo) -> None:
+    """The exported folder's model card again, once facts measured on its files (cost, ONNX) were added."""
+    directory = Path(directory)
+    model_name = directory.resolve().parent.name
+    text = model_card(card, model_name, str(directory.resolve()), local=True,
+                      with_curves=(directory / TRAINING_CURVES_FILE).is_file())
+    write_text_atomically(directory / "README.md", str(text))
