@@ -201,23 +201,31 @@ WRITE_HINT = ("nothing of it was kept and the earlier checkpoints are intact: fr
               "and continue with --resume")
 
 
-@pytest.mark.parametrize("writer,error,reason", [
-    ("safetensors", FULL_DISK_SAFETENSORS, "No space left on device"),
+FIRST_WRITE_HINT = ("nothing of it was kept and the run has no earlier checkpoint: free space (or restore write "
+                    "access) and start it again with --overwrite_output_dir")
+
+
+@pytest.mark.parametrize("writer,error,reason,step", [
+    ("safetensors", FULL_DISK_SAFETENSORS, "No space left on device", 2),
+    ("safetensors", FULL_DISK_SAFETENSORS, "No space left on device", 1),
     ("torch", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
      "torch could not write ([enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534; is the disk "
-     "full?)"),
+     "full?)", 2),
 ])
-def test_a_full_disk_during_a_save_is_one_line_and_the_staging_folder_goes(writer, error, reason, tmp_path,
+def test_a_full_disk_during_a_save_is_one_line_and_the_staging_folder_goes(writer, error, reason, step, tmp_path,
                                                                            monkeypatch, capsys):
     output = tmp_path / "run"
     module, name = (safetensors.torch, "save_file") if writer == "safetensors" else (torch, "save")
-    failing_writer(monkeypatch, module, name, "checkpoint-2", error)
+    failing_writer(monkeypatch, module, name, f"checkpoint-{step}", error)
     status, stderr = run_cli(short_run(output), capsys)
     assert status == 1 and "Traceback" not in stderr
     (line,) = error_lines(stderr)
-    assert line == f"pat-hf-train: could not write {output / 'checkpoint-2'}: {reason}; {WRITE_HINT}"
-    assert sorted(p.name for p in output.iterdir()) == ["args.yaml", "checkpoint-1"]
-    verify_checkpoint(output / "checkpoint-1")
+    hint = WRITE_HINT if step > 1 else FIRST_WRITE_HINT
+    assert line == f"pat-hf-train: could not write {output / f'checkpoint-{step}'}: {reason}; {hint}"
+    earlier = [f"checkpoint-{n}" for n in range(1, step)]
+    assert sorted(p.name for p in output.iterdir()) == ["args.yaml", *earlier]
+    for name in earlier:
+        verify_checkpoint(output / name)
 
 
 def test_ctrl_c_during_a_save_leaves_no_staging_folder_and_no_lock(tmp_path, monkeypatch, capsys):
@@ -358,7 +366,7 @@ def _race(output: str, barrier, results) -> None:
 @pytest.mark.parametrize("stale", [False, True])
 def test_of_starts_racing_for_a_folder_exactly_one_holds_it(stale, tmp_path):
     """Processes acquiring at the same moment (over a stale lock too): one holds the folder, the others are
-    refused; each holder's lock stays until its process ends (they do not release here)."""
+    refused."""
     output = tmp_path / "run"
     if stale:
         write_lock(output, dead_pid())

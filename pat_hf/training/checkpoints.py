@@ -333,12 +333,17 @@ class StagedCheckpoints:
                 self._record_best_checkpoint(state, run_dir, folder)
                 publish_checkpoint(folder, {**self.run_identity, "global_step": step})
         except BaseException as error:
+            reason = write_failure_reason(error, run_dir)
             # Whatever stopped the save (a full disk, Ctrl-C, a failed process): no half-written folder stays.
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
-            reason = write_failure_reason(error)
             if reason is None:
                 raise
+            if latest_complete_checkpoint(run_dir) is None:
+                raise CheckpointWriteError(
+                    f"could not write {final}: {reason}; nothing of it was kept and the run has no earlier "
+                    f"checkpoint: free space (or restore write access) and start it again with "
+                    f"--overwrite_output_dir") from error
             raise CheckpointWriteError(
                 f"could not write {final}: {reason}; nothing of it was kept and the earlier checkpoints are "
                 f"intact: free space (or restore write access) and continue with --resume") from error
