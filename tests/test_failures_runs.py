@@ -250,6 +250,19 @@ def test_a_full_disk_during_the_export_is_one_line_and_leaves_no_student(tmp_pat
     verify_checkpoint(latest_complete_checkpoint(output))
 
 
+def test_a_full_disk_during_the_export_of_a_run_without_checkpoints_says_to_start_again(tmp_path, monkeypatch,
+                                                                                        capsys):
+    output = tmp_path / "run"
+    failing_writer(monkeypatch, safetensors.torch, "save_file", "student.partial", FULL_DISK_SAFETENSORS)
+    status, stderr = run_cli(short_run(output, "--save_strategy", "no"), capsys)
+    assert status == 1
+    (line,) = error_lines(stderr)
+    assert line == (f"pat-hf-train: could not write the student to {output / 'student'}: No space left on device; "
+                    f"nothing of it was kept and the run saved no checkpoint to export it from: free space (or "
+                    f"restore write access) and start it again with --overwrite_output_dir")
+    assert not (output / "student").exists() and not list(output.glob("*.partial"))
+
+
 # ---- the output-folder lock ----
 
 def write_lock(output: Path, pid: int, host: str | None = None) -> Path:

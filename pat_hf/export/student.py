@@ -17,6 +17,7 @@ from torch import nn
 from pat_hf.export.card import ModelCardInfo, model_card
 from pat_hf.export.curves import TRAINING_CURVES_FILE, write_training_curves
 from pat_hf.training.atomic import cleaned_up_on_failure, partial_path, publish_folder, write_failure_reason
+from pat_hf.training.checkpoints import latest_complete_checkpoint
 from pat_hf.training.nonfinite import check_finite_state
 
 
@@ -66,6 +67,10 @@ def export_trained_student(student: nn.Module, directory: str, **export_options:
         reason = write_failure_reason(error)
         if reason is None:
             raise
+        if latest_complete_checkpoint(Path(directory).parent) is None:
+            raise OSError(f"could not write the student to {directory}: {reason}; nothing of it was kept and the "
+                          f"run saved no checkpoint to export it from: free space (or restore write access) and "
+                          f"start it again with --overwrite_output_dir") from error
         raise OSError(f"could not write the student to {directory}: {reason}; nothing of it was kept and the "
                       f"checkpoints are intact: free space (or restore write access) and export it with "
                       f"--resume") from error
