@@ -118,7 +118,7 @@ def _load_problem(path: Path) -> str | None:
         elif suffix in (".pt", ".pth"):
             with safe_globals():
                 torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         kind = {".json": "JSON", ".safetensors": "safetensors"}.get(suffix, "PyTorch")
         return f"not a readable {kind} file: {' '.join(str(error).split())[:160]}"
     return None
