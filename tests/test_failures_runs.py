@@ -345,6 +345,7 @@ def test_a_stale_lock_is_taken_over_held_through_overwrite_and_released(tmp_path
                                    "--eval_strategy", "no"), callbacks=[watcher])
     assert f"taking over the lock of a run that is gone (pid {pid} on {socket.gethostname()}" in caplog.text
     assert watcher.holder["pid"] == os.getpid() and watcher.holder["host"] == socket.gethostname()
+    assert watcher.holder["command"].startswith("pat-hf-train --model test_vit ")
     assert not (output / LOCK_FILE).exists()
     assert (output / "student" / "model.safetensors").is_file()
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     set_seed(args.training.seed)
     check_aug_repeats(args.data.aug_repeats, args.training.world_size)
     # The run holds --output_dir from before its contents are checked until it ends (training/output_lock.py).
-    with hold_output_dir(args.training):
+    with hold_output_dir(args.training, [PROG, *(sys.argv[1:] if argv is None else argv)]):
         return train_and_export(args, callbacks)
 
 

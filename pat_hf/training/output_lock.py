@@ -78,8 +78,9 @@ class OutputDirLock:
         self.created_folders = created_folders
 
     @classmethod
-    def acquire(cls, output_dir: str | os.PathLike) -> OutputDirLock:
-        """Take the lock of `output_dir` (creating the folder), or raise OutputDirLockedError naming the holder."""
+    def acquire(cls, output_dir: str | os.PathLike, command: list[str] | None = None) -> OutputDirLock:
+        """Take the lock of `output_dir` (creating the folder) for the run of `command` (this process's command
+        line if None), or raise OutputDirLockedError naming the holder."""
         output_dir = Path(output_dir).absolute()
         created = []
         missing = output_dir
@@ -91,7 +92,7 @@ class OutputDirLock:
         token = uuid.uuid4().hex
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  "command": shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "token": token}
+                  "command": shlex.join(command or [os.path.basename(sys.argv[0]), *sys.argv[1:]]), "token": token}
         lock = cls(path, token, created)
         try:
             while True:
@@ -173,13 +174,14 @@ def _shared_outcome(training: TrainingArguments, error: str | None) -> str | Non
 
 
 @contextlib.contextmanager
-def hold_output_dir(training: TrainingArguments) -> Iterator[None]:
-    """Hold `training.output_dir` while the block runs (the first process takes the lock for all)."""
+def hold_output_dir(training: TrainingArguments, command: list[str] | None = None) -> Iterator[None]:
+    """Hold `training.output_dir` while the block runs (the first process takes the lock for all); `command`:
+    the run's command line, which a refused second start is shown."""
     check_writable(training.output_dir)
     lock, error = None, None
     if training.process_index == 0:
         try:
-            lock = OutputDirLock.acquire(training.output_dir)
+            lock = OutputDirLock.acquire(training.output_dir, command)
         except OSError as refusal:
             error = refusal
     # Every process learns the first one's outcome, so that all stop together when it could not take the lock.
