@@ -66,6 +66,7 @@ from pat_hf.training.ema import ModelEmaCallback
 from pat_hf.training.host_memory import keep_freed_host_memory
 from pat_hf.training.memory_format import MemoryFormat
 from pat_hf.training.meters import SUMMARY_FILE
+from pat_hf.training.output_lock import hold_output_dir
 from pat_hf.training.resume import identity_and_resume_checkpoint
 from pat_hf.training.run_dir import check_output_dir, start_output_dir
 from pat_hf.training.trainer import DistillationTrainer
@@ -100,6 +101,13 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     keep_freed_host_memory()
     set_seed(args.training.seed)
     check_aug_repeats(args.data.aug_repeats, args.training.world_size)
+    # The run holds --output_dir from before its contents are checked until it ends (training/output_lock.py).
+    with hold_output_dir(args.training, [PROG, *(sys.argv[1:] if argv is None else argv)]):
+        return train_and_export(args, callbacks)
+
+
+def train_and_export(args: RunArguments, callbacks: list[TrainerCallback] | None) -> dict[str, float]:
+    """`main` once the arguments are checked and the output folder held."""
     check_output_dir(args.training.output_dir, resume=args.recipe.resume or bool(args.training.resume_from_checkpoint),
                      overwrite=args.training.overwrite_output_dir)
     identity, resume_from = identity_and_resume_checkpoint(args)

@@ -16,7 +16,14 @@ from torch import nn
 
 from pat_hf.export.card import ModelCardInfo, model_card
 from pat_hf.export.curves import TRAINING_CURVES_FILE, write_training_curves
-from pat_hf.training.atomic import cleaned_up_on_failure, partial_path, publish_folder, write_text_atomically
+from pat_hf.training.atomic import (
+    cleaned_up_on_failure,
+    partial_path,
+    publish_folder,
+    write_failure_reason,
+    write_text_atomically,
+)
+from pat_hf.training.checkpoints import latest_complete_checkpoint
 from pat_hf.training.nonfinite import check_finite_state
 
 
@@ -57,14 +64,22 @@ def export_student(student: nn.Module, directory: str | Path, *, model_kwargs: d
 
 def export_trained_student(student: nn.Module, directory: str, **export_options: Any) -> None:
     """`export_student` at the end of a run: the student is checked finite first, and a failed write is one line
-    naming the folder (nothing of it is kept; the checkpoints are intact, so --resume exports again)."""
+    naming the folder (nothing of it is kept; the checkpoints are intact, so --resume exports again), whichever
+    library's error type reports it."""
     check_finite_state(student.state_dict(), "the student")
     try:
         export_student(student, directory, **export_options)
-    except OSError as error:
-        raise OSError(f"could not write the student to {directory}: {error.strerror or error}; nothing of it "
-                      f"was kept and the checkpoints are intact: free space (or restore write access) and "
-                      f"export it with --resume") from error
+    except Exception as error:
+        reason = write_failure_reason(error)
+        if reason is None:
+            raise
+        if latest_complete_checkpoint(Path(directory).parent) is None:
+            raise OSError(f"could not write the student to {directory}: {reason}; nothing of it was kept and the "
+                          f"run saved no checkpoint to export it from: free space (or restore write access) and "
+                          f"start it again with --overwrite_output_dir") from error
+        raise OSError(f"could not write the student to {directory}: {reason}; nothing of it was kept and the "
+                      f"checkpoints are intact: free space (or restore write access) and export it with "
+                      f"--resume") from error
 
 
 def rewrite_card(directory: str | Path, card: ModelCardInfo) -> None:

@@ -2,18 +2,48 @@
 
 Everything is written under a temporary `*.partial` name, flushed to the disk (fsync), and only then renamed to
 its final name, which the file system does atomically: a reader sees the old version or the new one, never a
-mix. A failed write removes its `*.partial` again.
+mix. A failed write removes its `*.partial` again. The libraries that write checkpoints report a full disk in
+their own ways (an OSError; safetensors' `SafetensorError`; torch's zip writer a RuntimeError):
+`write_failure_reason` recognises each.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 PARTIAL_SUFFIX = ".partial"
+# torch.save's zip writer fails with a RuntimeError from its C++ writer; only the writer's own names it.
+_TORCH_WRITER_FAILURE = re.compile(r"PytorchStreamWriter|inline_container")
+_OS_ERROR_NUMBER = re.compile(r"os error (\d+)")
+
+
+# Free space under which a disk counts as full when a writer's error does not say why it failed.
+_FULL_DISK_BYTES = 1 << 20
+
+
+def write_failure_reason(error: BaseException, folder: str | os.PathLike | None = None) -> str | None:
+    """Why a write into `folder` failed, in words ("No space left on device"), if `error` is a failed write;
+    else None. Call it before removing what was written: torch's writer does not name the cause, so a disk left
+    (nearly) full names it."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if isinstance(error, SafetensorError):
+        number = _OS_ERROR_NUMBER.search(str(error))
+        return os.strerror(int(number.group(1))) if number else f"safetensors could not write: {error}"
+    if isinstance(error, RuntimeError) and _TORCH_WRITER_FAILURE.search(str(error)):
+        with contextlib.suppress(OSError):
+            if folder is not None and shutil.disk_usage(folder).free < _FULL_DISK_BYTES:
+                return os.strerror(errno.ENOSPC)
+        return f"torch could not write ({' '.join(str(error).split())[:160]}; is the disk full?)"
+    return None
 
 
 def partial_path(path: str | os.PathLike) -> Path:

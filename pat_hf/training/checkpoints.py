@@ -4,11 +4,15 @@
 Trainer's checkpoint plus what pat-hf adds (the distiller's per-process state, the state of every
 `CheckpointStateCallback`, the exact-resume RNG). Once every process has written all of it, it is flushed to the
 disk and renamed to `checkpoint-N`; `pat_hf_checkpoint.json`, the last file written (atomically), marks it
-complete. Only then are older checkpoints rotated out; a failed write removes what it wrote and leaves the
-earlier checkpoints. `--resume` only ever picks a complete checkpoint, and folders are deleted marker first
+complete. Only then are older checkpoints rotated out; a failed write (an OSError, or the error type of the
+library writing: safetensors, torch) removes the whole staging folder at once and leaves the earlier checkpoints.
+`--resume` only ever picks a complete checkpoint, and folders are deleted marker first
 (`remove_folder_marker_first`), so that a kill mid-deletion leaves an incomplete folder, never a
 complete-looking broken one. The marker also records what the run trained (models, distiller, teacher weights,
-data, recipe): resuming with other settings fails naming each difference.
+data, recipe): resuming with other settings fails naming each difference. And it lists every file of the
+checkpoint with its size: a resume first checks that each is there, whole and loadable (`verify_checkpoint`),
+since the Trainer skips an optimizer, scheduler or RNG file it does not find and the run would silently stop
+being exact.
 """
 
 from __future__ import annotations
@@ -26,15 +30,28 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainerState, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
 
-from pat_hf.training.atomic import partial_path, publish_folder, remove_stale_partials, write_text_atomically
+from pat_hf.training.atomic import (
+    partial_path,
+    publish_folder,
+    remove_stale_partials,
+    write_failure_reason,
+    write_text_atomically,
+)
 
 COMPLETE_MARKER = "pat_hf_checkpoint.json"
 PROCESS_STATE_FILE = "distiller_state_rank{rank}.safetensors"
+# The marker's list of the checkpoint's files (relative path -> size in bytes).
+FILES_KEY = "files"
+# What every checkpoint holds, for a marker written before the file list was recorded.
+UNLISTED_CHECKPOINT_FILES = (TRAINER_STATE_NAME, SAFE_WEIGHTS_NAME, OPTIMIZER_NAME, SCHEDULER_NAME)
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -65,8 +82,71 @@ def mark_complete(folder: str | os.PathLike, identity: dict[str, Any]) -> None:
     write_text_atomically(Path(folder) / COMPLETE_MARKER, json.dumps(identity, indent=2, sort_keys=True))
 
 
+class DamagedCheckpointError(ValueError):
+    """A complete-looking checkpoint with a file missing or damaged: resuming from it would not be exact."""
+
+
 def read_identity(folder: str | os.PathLike) -> dict[str, Any]:
+    check_file(folder, COMPLETE_MARKER)
     return json.loads((Path(folder) / COMPLETE_MARKER).read_text())
+
+
+def checkpoint_files(folder: str | os.PathLike) -> dict[str, int]:
+    """Every file below `folder` but the marker, by path relative to it, with its size."""
+    folder = Path(folder)
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    files.pop(COMPLETE_MARKER, None)
+    return dict(sorted(files.items()))
+
+
+def _load_problem(path: Path) -> str | None:
+    """Why `path` does not load as a resume loads it (None: it loads). JSON is parsed, safetensors' header read
+    (it checks that the data cover the file), and `.pt`/`.pth` loaded as transformers loads them; other files
+    (training_args.bin, which no resume reads) are not opened."""
+    suffix = path.suffix
+    # Any exception is the file's fault here: each library reports damage with its own error type.
+    try:
+        if suffix == ".json":
+            json.loads(path.read_text())
+        elif suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        elif suffix in (".pt", ".pth"):
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        kind = {".json": "JSON", ".safetensors": "safetensors"}.get(suffix, "PyTorch")
+        return f"not a readable {kind} file: {' '.join(str(error).split())[:160]}"
+    return None
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> None:
+    """Check that every file the checkpoint's marker lists is there with its recorded size and loads; raise
+    DamagedCheckpointError naming the first that is not. A marker without the list (an older pat-hf) is
+    checked for the files every checkpoint holds."""
+    folder = Path(folder)
+    listed = read_identity(folder).get(FILES_KEY)
+    expected: dict[str, int | None] = listed if listed is not None else dict.fromkeys(UNLISTED_CHECKPOINT_FILES)
+    for name, size in expected.items():
+        check_file(folder, name, size)
+
+
+def check_file(folder: str | os.PathLike, name: str, size: int | None = None) -> None:
+    """Raise DamagedCheckpointError, naming the file, if `name` in the checkpoint `folder` is missing, not of its
+    recorded `size`, or does not load."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise DamagedCheckpointError(f"{name} is missing")
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        raise DamagedCheckpointError(f"{name} is damaged ({actual} bytes, {size} when it was saved)")
+    damage = _load_problem(path)
+    if damage:
+        raise DamagedCheckpointError(f"{name} is damaged ({damage})")
 
 
 # The identity keys that no setting can override: a checkpoint of other models or another distiller does not load.
@@ -102,8 +182,8 @@ def check_resumable(folder: str | os.PathLike, identity: dict[str, Any], ignore_
 
 def trained_epochs(folder: str | os.PathLike) -> float:
     """The epochs a checkpoint's run had trained when it was saved."""
-    state = json.loads((Path(folder) / TRAINER_STATE_NAME).read_text())
-    return float(state.get("epoch") or 0.0)
+    check_file(folder, TRAINER_STATE_NAME)
+    return float(json.loads((Path(folder) / TRAINER_STATE_NAME).read_text()).get("epoch") or 0.0)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -120,10 +200,11 @@ def staging_root(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def publish_checkpoint(staged: str | os.PathLike, identity: dict[str, Any]) -> Path:
-    """Mark a fully written staged checkpoint complete, flush it and rename it to its final name."""
+    """Mark a fully written staged checkpoint complete, listing its files, flush it and rename it to its final
+    name."""
     staged = Path(staged)
     final = staged.parent.parent / staged.name
-    mark_complete(staged, identity)
+    mark_complete(staged, {**identity, FILES_KEY: checkpoint_files(staged)})
     publish_folder(staged, final)
     staged.parent.rmdir()
     return final
@@ -251,12 +332,21 @@ class StagedCheckpoints:
             if self.args.should_save:
                 self._record_best_checkpoint(state, run_dir, folder)
                 publish_checkpoint(folder, {**self.run_identity, "global_step": step})
-        except OSError as error:
+        except BaseException as error:
+            reason = write_failure_reason(error, run_dir)
+            # Whatever stopped the save (a full disk, Ctrl-C, a failed process): no half-written folder stays.
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
+            if reason is None:
+                raise
+            if latest_complete_checkpoint(run_dir) is None:
+                raise CheckpointWriteError(
+                    f"could not write {final}: {reason}; nothing of it was kept and the run has no earlier "
+                    f"checkpoint: free space (or restore write access) and start it again with "
+                    f"--overwrite_output_dir") from error
             raise CheckpointWriteError(
-                f"could not write {final}: {error.strerror or error}; nothing of it was kept and the earlier "
-                f"checkpoints are intact: free space (or restore write access) and continue with --resume") from error
+                f"could not write {final}: {reason}; nothing of it was kept and the earlier checkpoints are "
+                f"intact: free space (or restore write access) and continue with --resume") from error
         if self.args.should_save:
             rotate_checkpoints(run_dir, self.args.save_total_limit, state.best_model_checkpoint)
 

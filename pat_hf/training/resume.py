@@ -2,6 +2,9 @@
 
 `identity_and_resume_checkpoint` is what the command line calls: this run's identity (what its checkpoints
 record) and, with --resume or --resume_from_checkpoint, the complete checkpoint of the same run to continue from.
+A checkpoint with a file missing or damaged is refused, naming the file and the newest other checkpoint that
+passes the same checks: --resume never falls back to an older checkpoint by itself, since silently training
+steps again would surprise as much as a resume that is not exact.
 
 `ExactResume` makes a mid-epoch resume draw what the uninterrupted run drew. accelerate's loader fetches, and so
 augments, one batch ahead: when a checkpoint is saved after update u, batch u+1 has already been drawn with the
@@ -20,6 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +35,16 @@ from pat_hf.data.samplers import EpochSampler
 from pat_hf.data.streaming import StreamedTrainingSet
 from pat_hf.models.factory import require_file
 from pat_hf.training.checkpoints import (
+    DamagedCheckpointError,
     check_resumable,
+    checkpoint_folders,
     file_sha256,
+    is_complete,
     latest_complete_checkpoint,
     restore_rng,
     rng_snapshot,
     trained_epochs,
+    verify_checkpoint,
 )
 from pat_hf.training.schedule import training_epochs
 
@@ -81,12 +89,33 @@ def find_resume_checkpoint(args: RunArguments, identity: dict[str, Any]) -> str 
                                     f"--overwrite_output_dir")
     if not checkpoint:
         return None
-    ignored = check_resumable(checkpoint, identity, args.recipe.resume_ignore_changes)
+    try:
+        ignored = check_resumable(checkpoint, identity, args.recipe.resume_ignore_changes)
+        check_epochs_left(args, str(checkpoint))
+        verify_checkpoint(checkpoint)
+    except DamagedCheckpointError as error:
+        raise DamagedCheckpointError(f"cannot resume from {checkpoint}: {error}; "
+                                     f"{_intact_alternative(Path(checkpoint), identity, args)}") from error
     if ignored:
         logger.warning("--resume-ignore-changes: continuing %s with this run's settings (%s)", checkpoint,
                        "; ".join(ignored))
-    check_epochs_left(args, str(checkpoint))
     return str(checkpoint)
+
+
+def _intact_alternative(damaged: Path, identity: dict[str, Any], args: RunArguments) -> str:
+    """What to resume from instead of the `damaged` checkpoint: the newest other complete checkpoint beside it
+    that passes the resume's checks, or starting afresh."""
+    others = [path for path in checkpoint_folders(damaged.parent) if is_complete(path) and path.name != damaged.name]
+    for other in reversed(others):
+        try:
+            check_resumable(other, identity, args.recipe.resume_ignore_changes)
+            verify_checkpoint(other)
+        except (ValueError, OSError):
+            continue
+        return (f"the newest intact checkpoint is {other}: continue from it with --resume_from_checkpoint {other} "
+                f"(the steps after it are trained again)")
+    return (f"no other checkpoint in {damaged.parent} is intact: start the run again with "
+            f"--overwrite_output_dir")
 
 
 def identity_and_resume_checkpoint(args: RunArguments) -> tuple[dict[str, Any], str | None]:

@@ -21,7 +21,8 @@ from pat_hf.training.checkpoints import remove_folder_marker_first
 
 logger = logging.getLogger(__name__)
 
-# What a run writes at the top of its output folder (besides checkpoint-N and *.partial leftovers).
+# What a run writes at the top of its output folder (besides checkpoint-N and *.partial leftovers). The lock
+# of the run holding the folder (training/output_lock.py) is not among them: --overwrite_output_dir keeps it.
 RUN_FILES = ("args.yaml", "trainer_state.json", "summary.csv", "train_results.json", "eval_results.json",
              "all_results.json")
 RUN_FOLDERS = ("student", "runs")
