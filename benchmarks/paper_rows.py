@@ -40,7 +40,7 @@ TRAIN_IMAGES = {"cifar100": 50_000, "imagenet": 1_281_167}
 # Where each teacher file of the recipes comes from. CIFAR-100: OFA-KD's `checkpoint-cifar100` release (the
 # reference's specification, section 7). ImageNet: the file names are the URLs of timm's pretrained configs;
 # the Hub tag is the one whose pretrained_cfg names that URL (timm 1.0.31).
-CIFAR_RELEASE = "OFA-KD release `checkpoint-cifar100` (github.com/Hao840/OFAKD/releases/tag/checkpoint-cifar100)"
+CIFAR_RELEASE = "OFA-KD release `checkpoint-cifar100`"
 IMAGENET_TEACHERS = {
     "deit_tiny_patch16_224-a1311bcf.pth": "hf-hub:timm/deit_tiny_patch16_224.fb_in1k",
     "swin_tiny_patch4_window7_224.pth": "hf-hub:timm/swin_tiny_patch4_window7_224.ms_in1k",

@@ -104,3 +104,8 @@ def test_a_finished_run_is_compared_with_the_expected_value(tmp_path):
     assert "final top-1 79.90 (EMA 80.20), best 80.50" in text
     assert "expected 81.22" in text and "gap -0.72 points" in text and "all 300 epochs" in text
     assert "no published number found" in paper_rows.comparison(rows["cifar100/5"], 3, final, ema, best)
+
+
+def test_reproducing_md_embeds_the_current_table():
+    page = (paper_rows.ROOT / "docs" / "REPRODUCING.md").read_text()
+    assert paper_rows.markdown_table(load_rows()) in page
