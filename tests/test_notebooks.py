@@ -29,7 +29,7 @@ def test_stored_notebook_has_a_badge_an_install_cell_and_executed_outputs(name):
     badge = f"https://colab.research.google.com/github/pat-hf/pat-hf/blob/main/notebooks/{name}"
     assert badge in notebook.cells[0].source
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert INSTALL in code[0].source and "if not SMOKE:" in code[0].source
+    assert INSTALL in code[0].source and "if not OFFLINE:" in code[0].source
     assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
     assert not any(output.output_type == "error" for cell in code for output in cell.outputs)
     assert sum(len(cell.outputs) for cell in code) >= len(code) // 2
