@@ -303,7 +303,8 @@ def setting_line(settings: dict) -> str:
     if settings["setting"] == "few-images":
         images = round(settings["train_fraction"] * DIGITS_TRAIN_IMAGES)
         return (f"few images: the students train on {images} of the {DIGITS_TRAIN_IMAGES} training images "
-                f"(the same subset for every row and seed, --data_seed {settings['data_seed']}), the teacher "
+                f"(the same subset, in the same order, for every row and seed: --data_seed "
+                f"{settings['data_seed']}), the teacher "
                 f"on all of them")
     if settings["setting"] == "few-labels":
         return (f"few labels: the students see every training image and {settings['label_fraction']:.0%} of "
@@ -334,7 +335,8 @@ def write_results(output: Path, settings: dict, results: list[RunResult], rows: 
                                                                   for r in failed)]
     markdown = "\n".join(lines) + "\n"
     write_report(output / "results.md", markdown)
-    write_report(output / "runs.json", json.dumps({"settings": settings, "teacher_top1": teacher_top1,
+    write_report(output / "runs.json", json.dumps({"settings": settings, "machine": describe_machine(),
+                                                   "teacher_top1": teacher_top1,
                                                    "runs": [asdict(r) for r in results]}, indent=1) + "\n")
     if summaries:
         plot(output / "results.png", summaries, teacher_top1, settings)
@@ -379,8 +381,9 @@ def summarise_studies(folders: Sequence[Path]) -> str:
     if len(settings) > 1:
         raise SystemExit("--summarise takes studies that differ in --epochs only")
     first = studies[0]["settings"]
+    machines = sorted({s["machine"] for s in studies})
     lines = ["# Distillation study on digits: top-1 by epoch budget", "",
-             f"- machine: {describe_machine()}",
+             f"- machine: {'; '.join(machines)}",
              f"- setting: {setting_line(first)}; extra training flags: {first['extra_args'] or 'none'}",
              "- top-1 on the 360 held-out images (one image is 0.28 points); Δ is the paired difference to the "
              "student alone over the same seeds, with its 95% Student-t interval", "",

@@ -113,11 +113,12 @@ def test_summarise_gathers_studies_by_budget(tmp_path):
         runs = [{"row": "alone", "seed": seed, "top1": value, "top5": 100.0, "ema_top1": None, "minutes": 2.0,
                  "error": None} for seed, value in zip((1, 2), top1)]
         (tmp_path / f"e{epochs}").mkdir()
-        (tmp_path / f"e{epochs}" / "runs.json").write_text(json.dumps({"settings": settings, "teacher_top1": None,
-                                                                       "runs": runs}))
+        (tmp_path / f"e{epochs}" / "runs.json").write_text(json.dumps({"settings": settings, "machine": "a CPU",
+                                                                       "teacher_top1": None, "runs": runs}))
     output = tmp_path / "budget.md"
     assert main(["--summarise", str(tmp_path / "e48"), str(tmp_path / "e32"), "--summary-output", str(output)],
                 lambda line: None) == 0
+    assert "- machine: a CPU\n" in output.read_text()
     rows = [line for line in output.read_text().splitlines() if re.match(r"\| \d+ \|", line)]
     assert rows == ["| 32 | student alone | 1,2 | 95.50 ± 0.71 | – | 95.00 / 96.00 | 2.0 |",
                     "| 48 | student alone | 1,2 | 97.50 ± 0.71 | – | 97.00 / 98.00 | 2.0 |"]
