@@ -50,6 +50,7 @@ CONFIG = "digits"  # shipped with the package: test_vit student, 32x32 inputs
 # pat-hf's digits training split: 80% of scikit-learn's 1,797 images, stratified (tests/test_data.py pins it).
 DIGITS_TRAIN_IMAGES = 1437
 TEACHER_EPOCHS = 6
+TEACHER_WEIGHTS = "student/model.safetensors"  # what a run exports, inside its output folder
 DEFAULT_EPOCHS = 48
 DEFAULT_SEEDS = (1, 2, 3, 4, 5)
 # Region attention narrowed to the 32x32 inputs, as in the quick-start demo.
@@ -125,13 +126,15 @@ def finished_metrics(folder: Path) -> dict | None:
     return metrics if isinstance(metrics, dict) and "eval_top1" in metrics else None
 
 
-def prepare_run_folder(folder: Path) -> dict | None:
-    """The metrics of the finished run in `folder`; a half-finished run there is removed (so that the
-    training starts afresh rather than refusing a used folder) and None returned."""
+def prepare_run_folder(folder: Path, required: Sequence[str] = ()) -> dict | None:
+    """The metrics of the finished run in `folder` that also holds the `required` files; a half-finished run
+    there is removed (so that the training starts afresh rather than refusing a used folder), None returned."""
     metrics = finished_metrics(folder)
-    if metrics is None and folder.exists():
+    if metrics is not None and all((folder / name).is_file() for name in required):
+        return metrics
+    if folder.exists():
         shutil.rmtree(folder)
-    return metrics
+    return None
 
 
 def result_of(row: str, seed: int, metrics: dict, minutes: float | None) -> RunResult:
@@ -486,7 +489,8 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
 
     teacher_top1 = None
     if any(row != BASELINE for row in rows):
-        teacher = prepare_run_folder(train.folder("teacher"))
+        # The evaluation is written before the export: a teacher stopped in between has no weights to give.
+        teacher = prepare_run_folder(train.folder("teacher"), required=[TEACHER_WEIGHTS])
         if teacher is None:
             echo(f"training the teacher ({args.teacher_epochs} epochs)")
             teacher, minutes, error = train("teacher", [
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
                 return 1
             echo(f"teacher: top-1 {teacher['eval_top1']:.2f} ({minutes:.1f} min)")
         teacher_top1 = teacher["eval_top1"]
-    weights = str(train.folder("teacher") / "student" / "model.safetensors")
+    weights = str(train.folder("teacher") / TEACHER_WEIGHTS)
 
     shared = student_flags(args)
     progress = Progress(pending, len(results), total, min(jobs, max(1, len(pending))), echo)

@@ -65,6 +65,9 @@ def test_a_finished_run_is_kept_and_a_half_finished_one_cleared(tmp_path):
     (half / "all_results.json").write_text(json.dumps({"train_loss": 0.1}))  # written before the evaluation
     assert prepare_run_folder(half) is None and not half.exists()
     assert prepare_run_folder(tmp_path / "absent") is None
+    finished_run(tmp_path / "teacher", 98.9)  # evaluated, stopped before its export
+    assert prepare_run_folder(tmp_path / "teacher", required=["student/model.safetensors"]) is None
+    assert not (tmp_path / "teacher").exists()
 
 
 def test_a_resumed_study_reports_its_finished_runs_without_training(tmp_path, monkeypatch):
