@@ -142,7 +142,7 @@ def result_of(row: str, seed: int, metrics: dict, minutes: float | None) -> RunR
                      minutes)
 
 
-class Trainer:
+class Launcher:
     """Runs `python -m pat_hf.train` for one run, `threads` CPU threads each, its output in OUTPUT/logs."""
 
     def __init__(self, output: Path, threads: int) -> None:
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
             parser.error(f"{output} holds a study with other settings ({kept}); choose another --output")
     write_report(settings_file, json.dumps(settings, indent=1) + "\n")
     jobs = max(1, args.jobs)
-    train = Trainer(output, args.threads or max(1, (os.cpu_count() or 1) // jobs))
+    train = Launcher(output, args.threads or max(1, (os.cpu_count() or 1) // jobs))
 
     results: list[RunResult] = []
     earlier = {}
