@@ -26,6 +26,7 @@ from typing import Any
 import datasets
 import torch
 import transformers
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback, set_seed
 
 from pat_hf.cli import train_command
@@ -184,8 +185,9 @@ def train_and_export(args: RunArguments, callbacks: list[TrainerCallback] | None
             data_config=data_config, class_names=class_names_of(train_set), card=card, pretrained=args.model.pretrained,
             summary_csv=os.path.join(args.training.output_dir, SUMMARY_FILE))
         print(f"pat-hf: exported the student to {student_dir}", flush=True)
-        add_deployment_facts(student_dir, card, exported, teacher, args, trainer.get_eval_dataloader(),
-                             tuple(data_config["input_size"]))
+        # The main process alone: a loader of its own, not the trainer's (sharded, synchronised) one.
+        eval_loader = DataLoader(eval_set, batch_size=args.training.per_device_eval_batch_size, collate_fn=collate)
+        add_deployment_facts(student_dir, card, exported, teacher, args, eval_loader, tuple(data_config["input_size"]))
         if hub_repo:
             url = push_student(student_dir, hub_repo, token=args.training.hub_token,
                                revision=args.training.hub_revision, create_pr=args.training.hub_create_pr)
@@ -194,7 +196,7 @@ def train_and_export(args: RunArguments, callbacks: list[TrainerCallback] | None
 
 
 def add_deployment_facts(student_dir: str, card: ModelCardInfo, student: torch.nn.Module,
-                         teacher: torch.nn.Module | None, args: RunArguments, eval_loader: Any,
+                         teacher: torch.nn.Module | None, args: RunArguments, eval_loader: DataLoader,
                          input_size: tuple[int, ...]) -> None:
     """What a deployer asks of the export, measured on the written folder: the cost of the student against its
     teacher (student/cost.json, the card, all_results.json) and, with --export-onnx, the checked ONNX files."""

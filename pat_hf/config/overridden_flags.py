@@ -41,7 +41,7 @@ def reject_overridden_flags(argv: list[str], config_path: str = "") -> None:
     given = {_normalised(token): f"--{_normalised(token)}" for token in argv if token.startswith("--")}
     if config_path:
         for file, config in reversed(config_chain(config_path)):
-            given |= {_normalised(str(key)): f"key {key!r} in {file}" for key in config
+            given |= {_normalised(str(key)): f"key {_normalised(str(key))!r} in {file}" for key in config
                       if _normalised(str(key)) not in given}
     for name, (why, instead) in OVERRIDDEN_FLAGS.items():
         if name in given:
