@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pat_hf.config.checks import UsageError, check_range
 from pat_hf.models.stages.layer import StageLayer
 from pat_hf.models.stages.plan import NUM_STAGES, StageOutput
 
@@ -41,7 +42,7 @@ def get_distiller_class(name: str) -> type[Distiller]:
     try:
         return DISTILLERS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown distiller {name!r}; choose one of {', '.join(sorted(DISTILLERS))}") from None
+        raise UsageError(f"unknown distiller {name!r}; choose one of {', '.join(sorted(DISTILLERS))}") from None
 
 
 @dataclass
@@ -53,6 +54,11 @@ class DistillArguments:
     gt_loss_weight: float = field(default=1.0, metadata={"help": "weight of the ground-truth (CE) term"})
     kd_loss_weight: float = field(default=1.0, metadata={"help": "weight of the logit distillation term"})
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD term"})
+
+    def __post_init__(self):
+        check_range(self.kd_temperature, "kd_temperature", low=0.0, low_open=True)
+        for name in ("gt_loss_weight", "kd_loss_weight"):
+            check_range(getattr(self, name), name, low=0.0)
 
 
 @dataclass(frozen=True)
