@@ -27,6 +27,7 @@ import datasets
 import torch
 import transformers
 import yaml
+from datasets import IterableDataset
 from transformers import TrainerCallback, set_seed
 
 from pat_hf.cli import train_command
@@ -35,7 +36,7 @@ from pat_hf.config.parser import read_command_line
 from pat_hf.data.examples import attach_transform, training_set
 from pat_hf.data.labels import check_labels, class_names_of, resolve_num_classes, train_labels_of
 from pat_hf.data.samplers import check_aug_repeats
-from pat_hf.data.sources import load_splits
+from pat_hf.data.sources import Split, load_splits
 from pat_hf.data.transforms import (
     MixupCollator,
     build_criterion,
@@ -43,6 +44,7 @@ from pat_hf.data.transforms import (
     build_transforms,
     collate,
     collate_training,
+    mixup_active,
     resolve_data_config_for,
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
@@ -114,6 +116,24 @@ def find_resume_checkpoint(args: RunArguments, identity: dict) -> str | None:
     return str(checkpoint)
 
 
+def check_one_batch(train_set: Split, args: RunArguments) -> None:
+    """With --dataloader_drop_last (the default) a process trains only whole batches: a training split smaller
+    than one batch per process would train no step at all. Streams are checked when their epochs are cut."""
+    if isinstance(train_set, IterableDataset) or not args.training.dataloader_drop_last:
+        return
+    batch_size, processes = args.training.per_device_train_batch_size, args.training.world_size
+    per_process = math.ceil(len(train_set) / processes)
+    if per_process >= batch_size:
+        return
+    fitting = per_process - per_process % 2 if mixup_active(args.data) else per_process  # mixup pairs examples
+    each = f" for each of {processes} processes" if processes > 1 else ""
+    subset = " (--max-train-samples)" if args.data.max_train_samples else ""
+    smaller = f"pass --batch-size {fitting} or less, or " if fitting else ""
+    raise ValueError(f"the training split has {len(train_set)} examples{subset}, fewer than one batch of "
+                     f"--batch-size {batch_size}{each}, so no step would be trained: {smaller}give it more "
+                     f"training examples")
+
+
 def start_output_dir(args: RunArguments) -> None:
     """Once every input is checked: clear the old run (--overwrite_output_dir) or what a kill left half-written,
     and write args.yaml (without the Hub token: TrainingArguments masks it)."""
@@ -163,6 +183,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     train_set, eval_set, source = load_splits(args.data, seed=data_seed)
     num_classes = resolve_num_classes(train_set, args.model.num_classes)
     check_labels(train_set, eval_set, num_classes)
+    check_one_batch(train_set, args)
     student_kwargs = {"drop_rate": args.model.drop, **args.model.model_kwargs}
     if args.model.drop_path is not None:
         student_kwargs["drop_path_rate"] = args.model.drop_path
