@@ -21,6 +21,7 @@ from pat_hf.config.checks import (
     check_count,
     check_probability,
     check_range,
+    json_object,
     require,
 )
 
@@ -53,8 +54,8 @@ class ModelArguments:
     drop_path: float | None = field(default=None, metadata=_help("student stochastic depth rate"))
 
     def __post_init__(self):
-        self.model_kwargs = _json_dict(self.model_kwargs, "--model-kwargs")
-        self.teacher_kwargs = _json_dict(self.teacher_kwargs, "--teacher-kwargs")
+        self.model_kwargs = json_object(self.model_kwargs, "--model-kwargs")
+        self.teacher_kwargs = json_object(self.teacher_kwargs, "--teacher-kwargs")
         check_count(self.num_classes, "num_classes", at_least=2, none_means="the dataset's")
         check_count(self.img_size, "img_size", none_means="the student's")
         check_probability(self.drop, "drop", one_excluded=True)
@@ -367,15 +368,3 @@ class RunArguments:
         resolved["distiller_hyperparameters"] = dataclasses.asdict(self.hparams) if self.hparams else {}
         resolved["training"] = json.loads(self.training.to_json_string())
         return resolved
-
-
-def _json_dict(value: Any, flag: str) -> dict:
-    if isinstance(value, dict):
-        return value
-    try:
-        parsed = json.loads(value or "{}")
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"img_size\": 32}}': {error}") from None
-    if not isinstance(parsed, dict):
-        raise UsageError(f"{flag} must be a JSON object, got {value!r}")
-    return parsed

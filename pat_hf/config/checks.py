@@ -7,6 +7,7 @@ factory and the failure contract can all raise and recognise these errors.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import Any, NoReturn
 
@@ -77,6 +78,19 @@ def check_count(value: int | None, dest: str, *, at_least: int = 1, none_means: 
     requirement = "must be 0 or more" if at_least == 0 else f"must be at least {at_least}"
     requirement += f" (leave it out for {none_means})" if none_means else ""
     require(value >= at_least, dest, requirement, value, flag)
+
+
+def json_object(value: Any, flag: str) -> dict:
+    """A JSON-object option (--model-kwargs): a mapping as it is (from YAML), or a JSON text parsed."""
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value or "{}")
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"img_size\": 32}}': {error}") from None
+    if not isinstance(parsed, dict):
+        raise UsageError(f"{flag} must be a JSON object, got {value!r}")
+    return parsed
 
 
 class OneLineErrors:

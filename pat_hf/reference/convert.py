@@ -14,7 +14,6 @@ HobbitLong/RepDistiller `crd/memory.py`; FitNet from PAT's rewritten `distillers
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pat_hf.cli.failures import run_command
-from pat_hf.config.checks import OneLineArgumentParser, UsageError
+from pat_hf.config.checks import OneLineArgumentParser, json_object
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
 from pat_hf.models.factory import create_model, read_state_dict, remap_legacy_keys
 from pat_hf.modules.grid_aligner import grids_are_multiples
@@ -245,16 +244,6 @@ def convert_reference_checkpoint(whole: Mapping[str, torch.Tensor], distiller: s
     return converted
 
 
-def _json_dict(value: str, flag: str) -> dict:
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{flag} must be a JSON object, e.g. '{{\"img_size\": 32}}': {error}") from None
-    if not isinstance(parsed, dict):
-        raise UsageError(f"{flag} must be a JSON object, got {value!r}")
-    return parsed
-
-
 def main(argv: list[str] | None = None) -> None:
     """python -m pat_hf.reference.convert CHECKPOINT --distiller NAME --model NAME --num-classes N --output DIR"""
     parser = OneLineArgumentParser(
@@ -273,8 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.distiller == "fitnet" and not args.teacher:
         parser.error("--distiller fitnet needs --teacher NAME: its aligners follow both models' stage layouts")
-    student = create_model(args.model, args.num_classes, _json_dict(args.model_kwargs, "--model-kwargs"))
-    teacher = (create_model(args.teacher, args.num_classes, _json_dict(args.teacher_kwargs, "--teacher-kwargs"),
+    student = create_model(args.model, args.num_classes, json_object(args.model_kwargs, "--model-kwargs"))
+    teacher = (create_model(args.teacher, args.num_classes, json_object(args.teacher_kwargs, "--teacher-kwargs"),
                             kwargs_flag="--teacher-kwargs") if args.teacher else None)
     whole = read_state_dict(args.checkpoint, use_ema=True)
     state = convert_reference_checkpoint(whole, args.distiller, student, teacher, (3, args.img_size, args.img_size))
