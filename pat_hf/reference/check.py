@@ -168,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def command(argv: list[str] | None = None) -> None:
-    """`main` under the failure contract (pat_hf/cli/failures.py); a parity mismatch keeps its own status 1,
-    after the table that shows it."""
+def _main_with_status(argv: list[str]) -> None:
     status = main(argv)
     if status:
         raise SystemExit(status)
 
 
+def command(argv: list[str] | None = None) -> None:
+    """`main` under the failure contract (pat_hf/cli/failures.py); a parity mismatch keeps its own status 1,
+    after the table that shows it."""
+    run_command(CHECK_PROG, _main_with_status, argv)
+
+
 if __name__ == "__main__":
-    run_command(CHECK_PROG, command)
+    command()
