@@ -302,8 +302,9 @@ EVALUATE_ROWS: dict[str, tuple[Callable[[Path, Path], list[str]], str, int]] = {
     "an empty folder": (lambda f, t: [str(t)], "is neither an exported student (no config.json) nor a training "
                                                 "checkpoint", 1),
     "the run folder itself": (lambda f, t: [str(f)], "(it holds checkpoint-4, student: pass one of them)", 1),
-    "an unfinished export": (lambda f, t: partial_export(f, t), "is unfinished (the run stopped while writing it): "
-                                                                "run the training command again with --resume", 1),
+    "an unfinished export": (lambda f, t: partial_export(f, t), "is an unfinished export (the run stopped while "
+                                                                "writing it): run the training command again with "
+                                                                "--resume", 1),
     "--use-ema without EMA": (lambda f, t: [str(f / "checkpoint-4"), "--use-ema"],
                               "ema.safetensors not found (the run was trained without --model-ema)", 1),
     "--use-ema on an export": (lambda f, t: [str(f / "student"), "--use-ema"],

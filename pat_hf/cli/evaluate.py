@@ -74,8 +74,11 @@ def check_model_path(path: Path, use_ema: bool) -> bool:
     (or its weights file); anything else is one line saying what to pass."""
     if path.name.endswith(PARTIAL_SUFFIX):
         final = path.with_name(path.name.removesuffix(PARTIAL_SUFFIX))
-        raise ValueError(f"{path} is unfinished (the run stopped while writing it): run the training command again "
-                         f"with --resume to finish {final.name}, then evaluate {final}")
+        if final.name != "student":  # a checkpoint whose save was interrupted: the next start removes it
+            raise ValueError(f"{path} is an unfinished checkpoint (the run stopped while saving it): evaluate a "
+                             f"complete checkpoint-N of the run, or its student")
+        raise ValueError(f"{path} is an unfinished export (the run stopped while writing it): run the training "
+                         f"command again with --resume to finish {final.name}, then evaluate {final}")
     if path.is_dir() and (path / "config.json").is_file():
         if use_ema:
             raise UsageError("--use-ema applies to training checkpoints; an exported student is already final")
@@ -164,12 +167,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineErrorParser([DataArguments, EvaluateArguments], prog=PROG)
     parser.add_argument("path", help="an exported student folder, or a checkpoint folder / its model.safetensors")
-    path = Path(parser.parse_known_args(argv)[0].path)
+    early = parser.parse_known_args(argv)[0]
+    path = Path(early.path)
     if not path.exists():
         parser.error(f"not found: {path}")
     run = _run_args(path)
-    exported = check_model_path(path, use_ema=parser.parse_known_args(argv)[0].use_ema)
-    if not exported and not run and not parser.parse_known_args(argv)[0].model:
+    # What the path is, before any data is read.
+    exported = check_model_path(path, use_ema=early.use_ema)
+    if not exported and not run and not early.model:
         raise UsageError(f"no args.yaml next to {path}: pass --model NAME (and --model_kwargs) for its student")
     data_fields = {f.name for f in dataclasses.fields(DataArguments)}
     parser.set_defaults(**{k: v for k, v in run.get("data", {}).items() if k in data_fields})
