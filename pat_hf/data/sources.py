@@ -222,8 +222,9 @@ def _pick_column(features: datasets.Features, requested: str | None, default: st
         return requested
     if default and default in columns:
         return default
-    typed = [c for c, feature in features.items() if isinstance(feature, kind)] or \
-        [c for c in (what, f"{what}s") if c in columns]  # a plain column named so (string labels, ...)
+    typed = [c for c, feature in features.items() if isinstance(feature, kind)]
+    if what == "label":  # a plain column of that name: integers, or class names mapped by `_encode_string_labels`
+        typed = typed or [c for c in ("label", "labels") if c in columns]
     if not typed:
         raise ValueError(f"cannot tell which column holds the {what} (columns: {', '.join(columns)}); "
                          f"pass --{what}-column NAME")
