@@ -83,7 +83,7 @@ def _build(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool
         key = _unknown_kwarg(error)
         if key is not None and key in kwargs and key != "img_size":
             raise UsageError(f"{kwargs_flag}: {name} takes no argument {key!r}; drop it or check its spelling "
-                             f"(timm's {name} lists what it takes)") from None
+                             f"against the arguments of timm's {name}") from None
         if "multiple values for keyword argument" not in str(error) or pretrained:
             raise
         return _create_with_overridden_defaults(name, num_classes, kwargs)
