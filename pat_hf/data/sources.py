@@ -148,7 +148,7 @@ def check_class_folders(folder: str) -> None:
                              f"classes the student cannot learn)")
         absent = sorted(train_classes - classes)
         if absent:
-            logger.info("%s has no images of %d of the %d classes (%s): it scores the student on the others",
+            logger.warning("%s has no images of %d of the %d classes (%s): it scores the student on the others",
                         split.path, len(absent), len(train_classes), ", ".join(absent[:10]))
 
 
