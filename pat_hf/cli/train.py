@@ -183,7 +183,6 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     train_set, eval_set, source = load_splits(args.data, seed=data_seed)
     num_classes = resolve_num_classes(train_set, args.model.num_classes)
     check_labels(train_set, eval_set, num_classes)
-    check_one_batch(train_set, args)
     student_kwargs = {"drop_rate": args.model.drop, **args.model.model_kwargs}
     if args.model.drop_path is not None:
         student_kwargs["drop_path_rate"] = args.model.drop_path
@@ -200,6 +199,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         teacher = create_teacher(args.model.teacher, args.model.teacher_pretrained, num_classes,
                                  args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher,
                                  img_size=(input_height, input_width), dataset_classes=num_classes)
+    # After the models' own checks (their flags come first), before anything is written.
+    check_one_batch(train_set, args)
     batch_size = args.training.per_device_train_batch_size
     mixup = build_mixup(args.data, num_classes, batch_size)
     train_labels = train_labels_of(train_set) if distiller_cls.needs_train_labels else None
