@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,22 +22,24 @@ from typing import Any
 import timm
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 from pat_hf.cli import evaluate_command
 from pat_hf.config.arguments import DataArguments, DistillTrainingArguments
+from pat_hf.config.checks import UsageError, check_count, json_object
+from pat_hf.cli.parser import OneLineErrorParser
 from pat_hf.data.examples import attach_transform
 from pat_hf.data.labels import num_classes_of
 from pat_hf.data.sources import load_splits
 from pat_hf.data.transforms import build_transforms, collate, resolve_data_config_for
 from pat_hf.metrics import load_topk_accuracy, top_k_indices
-from pat_hf.models.factory import create_model
+from pat_hf.models.factory import create_model, read_state_dict
 
+PROG = "pat-hf-evaluate"
 STUDENT_PREFIX = "student."
+PARTIAL_SUFFIX = ".partial"  # a folder being written (an export or checkpoint that a kill interrupted)
 
 
 @dataclass
@@ -51,6 +54,11 @@ class EvaluateArguments:
     num_classes: int | None = field(default=None, metadata={"help": "classes (default: the run's / dataset's)"})
     progress_bar: bool = field(default=True, metadata={"help": "show a progress bar (--no_progress_bar hides it)"})
 
+    def __post_init__(self):
+        check_count(self.batch_size, "batch_size", flag="--batch_size")
+        check_count(self.workers, "workers", at_least=0, flag="--workers")
+        check_count(self.num_classes, "num_classes", at_least=2, none_means="the run's", flag="--num_classes")
+
 
 def _run_args(path: Path) -> dict[str, Any]:
     """The training run's resolved arguments (OUTPUT_DIR/args.yaml), if next to `path`."""
@@ -61,17 +69,54 @@ def _run_args(path: Path) -> dict[str, Any]:
     return {}
 
 
+def check_model_path(path: Path, use_ema: bool) -> bool:
+    """What `path` is, before any data is read: True for an exported student, False for a training checkpoint
+    (or its weights file); anything else is one line saying what to pass."""
+    if path.name.endswith(PARTIAL_SUFFIX):
+        final = path.with_name(path.name.removesuffix(PARTIAL_SUFFIX))
+        if final.name != "student":  # a checkpoint whose save was interrupted: the next start removes it
+            raise ValueError(f"{path} is an unfinished checkpoint (the run stopped while saving it): evaluate a "
+                             f"complete checkpoint-N of the run, or its student")
+        raise ValueError(f"{path} is an unfinished export (the run stopped while writing it): run the training "
+                         f"command again with --resume to finish {final.name}, then evaluate {final}")
+    if path.is_dir() and (path / "config.json").is_file():
+        if use_ema:
+            raise UsageError("--use-ema applies to training checkpoints; an exported student is already final")
+        return True
+    folder = path.parent if path.is_file() else path
+    if path.is_file() and path.suffix != ".safetensors":
+        raise ValueError(f"{path} is not a checkpoint's model.safetensors: pass an exported student folder "
+                         f"(OUTPUT_DIR/student) or a checkpoint folder (OUTPUT_DIR/checkpoint-N)")
+    if use_ema and not (folder / "ema.safetensors").is_file():
+        raise FileNotFoundError(f"--use-ema: {folder / 'ema.safetensors'} not found (the run was trained without "
+                                f"--model-ema); drop --use-ema to evaluate the raw student")
+    if not path.is_file() and not (folder / "model.safetensors").is_file():
+        inside = sorted(p.name for p in folder.iterdir() if p.name == "student" or p.name.startswith("checkpoint-"))
+        hint = f" (it holds {', '.join(inside[:4])}: pass one of them)" if inside else ""
+        raise ValueError(f"{path} is neither an exported student (no config.json) nor a training checkpoint (no "
+                         f"model.safetensors){hint}; pass OUTPUT_DIR/student or OUTPUT_DIR/checkpoint-N")
+    return False
+
+
+def check_json_path(path: str | None) -> None:
+    """--json: a file this user can create, checked before evaluating (its missing folders are created then)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"--json {path} is a folder; pass a file name, e.g. {target / 'result.json'}")
+    existing = next(p for p in (target.parent.absolute(), *target.parent.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"--json {path} cannot be written: {existing} is not a folder this user may write into; "
+                         f"choose another path")
+
+
 def _checkpoint_state(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
     folder = path.parent if path.is_file() else path
     if use_ema:
-        ema_file = folder / "ema.safetensors"
-        if not ema_file.is_file():
-            raise FileNotFoundError(f"--use-ema: {ema_file} not found (the run was trained without --model-ema)")
-        return load_file(str(ema_file))
+        return read_state_dict(str(folder / "ema.safetensors"))
     weights = path if path.is_file() else folder / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"no model.safetensors in {folder}")
-    state = {k.removeprefix(STUDENT_PREFIX): v for k, v in load_file(str(weights)).items()
+    state = {k.removeprefix(STUDENT_PREFIX): v for k, v in read_state_dict(str(weights)).items()
              if k.startswith(STUDENT_PREFIX)}
     if not state:
         raise ValueError(f"{weights} holds no student.* weights: is it a pat-hf training checkpoint?")
@@ -81,17 +126,19 @@ def _checkpoint_state(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
 def load_student(path: Path, options: EvaluateArguments, run: dict[str, Any],
                  num_classes: int) -> tuple[nn.Module, bool]:
     """The student and whether it carries its own data config (an exported folder does)."""
-    if (path / "config.json").is_file():
-        if options.use_ema:
-            raise ValueError("--use-ema applies to training checkpoints; an exported student is already final")
+    if check_model_path(path, options.use_ema):
         # Its config.json fixes the architecture and the number of classes.
-        return timm.create_model(f"local-dir:{path}", pretrained=True), True
+        try:
+            return timm.create_model(f"local-dir:{path}", pretrained=True), True
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"{path} is a damaged export ({type(error).__name__}: {error}); export the student "
+                             f"again (pat-hf-train ... --resume)") from None
     model_args = run.get("model", {})
     name = options.model or model_args.get("model")
-    if not name:
-        raise ValueError(f"no args.yaml next to {path}: pass --model NAME (and --model_kwargs) for its student")
-    kwargs = json.loads(options.model_kwargs) if options.model else model_args.get("model_kwargs", {})
-    student = create_model(name, num_classes, kwargs, img_size=None if options.model else model_args.get("img_size"))
+    kwargs = json_object(options.model_kwargs, "--model_kwargs") if options.model \
+        else model_args.get("model_kwargs", {})
+    student = create_model(name, num_classes, kwargs, img_size=None if options.model else model_args.get("img_size"),
+                           kwargs_flag="--model_kwargs" if options.model else "model_kwargs in args.yaml")
     missing, unexpected = student.load_state_dict(_checkpoint_state(path, options.use_ema), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -118,17 +165,23 @@ def evaluate_student(student: nn.Module, loader: DataLoader, amp: bool = False,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser([DataArguments, EvaluateArguments])
+    parser = OneLineErrorParser([DataArguments, EvaluateArguments], prog=PROG)
     parser.add_argument("path", help="an exported student folder, or a checkpoint folder / its model.safetensors")
-    path = Path(parser.parse_known_args(argv)[0].path)
+    early = parser.parse_known_args(argv)[0]
+    path = Path(early.path)
     if not path.exists():
         parser.error(f"not found: {path}")
     run = _run_args(path)
+    # What the path is, before any data is read.
+    exported = check_model_path(path, use_ema=early.use_ema)
+    if not exported and not run and not early.model:
+        raise UsageError(f"no args.yaml next to {path}: pass --model NAME (and --model_kwargs) for its student")
     data_fields = {f.name for f in dataclasses.fields(DataArguments)}
     parser.set_defaults(**{k: v for k, v in run.get("data", {}).items() if k in data_fields})
     namespace = vars(parser.parse_args(argv))
     data = DataArguments(**{k: namespace[k] for k in data_fields})
     options = EvaluateArguments(**{f.name: namespace[f.name] for f in dataclasses.fields(EvaluateArguments)})
+    check_json_path(options.json)
 
     # The run's --max-eval-samples subset: drawn with its seed.
     training = run.get("training", {})
@@ -153,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{path}{' (EMA)' if options.use_ema else ''}: top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
           f"({metrics['images']} images of {data.dataset}{split})")
     if options.json:
+        Path(options.json).parent.mkdir(parents=True, exist_ok=True)
         Path(options.json).write_text(json.dumps(result, indent=2))
     return result
 

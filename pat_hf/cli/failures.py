@@ -19,13 +19,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from pat_hf.config.checks import UsageError
+
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-
-class UsageError(ValueError):
-    """A command line that cannot be run as given (exit status 2)."""
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageError", "run_command"]
 
 
 def wants_traceback(argv: list[str]) -> bool:

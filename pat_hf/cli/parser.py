@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from transformers import HfArgumentParser
@@ -23,6 +23,7 @@ from pat_hf.config.arguments import (
     RecipeArguments,
     RunArguments,
 )
+from pat_hf.config.checks import InvalidValue, OneLineErrors, UsageError
 from pat_hf.config.overridden_flags import reject_overridden_flags
 from pat_hf.config.yaml_reader import CONFIG_FLAGS, config_argument, config_chain
 from pat_hf.distillers import DISTILLERS, DistillArguments, Distiller, get_distiller_class
@@ -63,9 +64,17 @@ def _belongs_elsewhere(option: str, owner: str, distiller: str) -> str:
     return f"{option} belongs to --distiller {owner}, not {distiller}"
 
 
-def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, tuple[str, Any]]:
-    """The defaults a YAML file sets, by field name, as (key as written, value), its own keys overriding its
-    bases'. `distiller`: the run's, to name the distiller a key of another one belongs to."""
+class ConfigValue(NamedTuple):
+    """A value a --config file sets: under which key, in which file (of its `base:` chain)."""
+
+    key: str
+    value: Any
+    file: str
+
+
+def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, ConfigValue]:
+    """The defaults a YAML file sets, by field name, its own keys overriding its bases'. `distiller`: the run's,
+    to name the distiller a key of another one belongs to."""
     destinations = _key_to_dest(types)
     others = _owners_of_other_options(get_distiller_class(distiller)) if distiller else {}
     defaults = {}
@@ -73,10 +82,10 @@ def read_config(path: str, types: list[type], distiller: str = "") -> dict[str, 
         for key, value in config.items():
             normalised = str(key).replace("-", "_")
             if normalised in others:
-                raise ValueError(_belongs_elsewhere(f"key {key!r} in {file}", others[normalised], distiller))
+                raise UsageError(_belongs_elsewhere(f"key {key!r} in {file}", others[normalised], distiller))
             if normalised not in destinations:
-                raise ValueError(f"unknown key {key!r} in {file}; run with --help for the accepted names")
-            defaults[destinations[normalised]] = (str(key), value)
+                raise UsageError(f"unknown key {key!r} in {file}; run with --help for the accepted names")
+            defaults[destinations[normalised]] = ConfigValue(str(key), value, file)
     return defaults
 
 
@@ -93,13 +102,12 @@ def _typed_value(action: argparse.Action, value: Any) -> Any:
     return converted
 
 
-def _typed_config_values(parser: HfArgumentParser, defaults: dict[str, tuple[str, Any]],
-                         config_path: str) -> dict[str, Any]:
-    """The YAML values with the types of their options: a value of the wrong type is an error naming its key,
-    before anything is built."""
+def _typed_config_values(parser: HfArgumentParser, defaults: dict[str, ConfigValue]) -> dict[str, Any]:
+    """The YAML values with the types of their options: a value of the wrong type is an error naming its key
+    and file, before anything is built."""
     actions = {action.dest: action for action in parser._actions}
     typed = {}
-    for dest, (key, value) in defaults.items():
+    for dest, (key, value, file) in defaults.items():
         action = actions[dest]
         takes_list = action.nargs in ("+", "*") or isinstance(action.nargs, int)
         expected = {"string_to_bool": "true or false"}.get(getattr(action.type, "__name__", ""),
@@ -116,7 +124,7 @@ def _typed_config_values(parser: HfArgumentParser, defaults: dict[str, tuple[str
         except (TypeError, ValueError, argparse.ArgumentTypeError):
             what = f"a list of {expected}" if takes_list else expected
             choices = f" (one of {', '.join(map(str, action.choices))})" if action.choices else ""
-            raise ValueError(f"{config_path}: {key} takes {what}{choices}, got {value!r}") from None
+            raise UsageError(f"{file}: {key} takes {what}{choices}, got {value!r}") from None
     return typed
 
 
@@ -135,7 +143,7 @@ def _distiller_name(argv: list[str], config_path: str) -> str:
 def _set_mixed_precision(values: dict[str, Any]) -> None:
     """--amp: fp16 (or --amp-dtype bfloat16) autocast on CUDA, bf16 autocast on the CPU."""
     if values["amp_dtype"] not in ("float16", "bfloat16"):
-        raise ValueError(f"--amp-dtype must be float16 or bfloat16, got {values['amp_dtype']!r}")
+        raise UsageError(f"--amp-dtype must be float16 or bfloat16, got {values['amp_dtype']!r}")
     on_cuda = torch.cuda.is_available() and not values["use_cpu"]
     use_fp16 = on_cuda and values["amp_dtype"] == "float16"
     values["fp16"], values["bf16"] = use_fp16, not use_fp16
@@ -144,15 +152,12 @@ def _set_mixed_precision(values: dict[str, Any]) -> None:
         values["use_cpu"] = True
 
 
-class _OneLineErrorParser(HfArgumentParser):
-    """argparse's errors as one line on stderr (no usage block), exit status 2 as argparse's."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+class OneLineErrorParser(OneLineErrors, HfArgumentParser):
+    """HfArgumentParser whose errors are one line on stderr (no usage block), exit status 2 as argparse's."""
 
 
 def _build_parser(types: list[type]) -> HfArgumentParser:
-    parser = _OneLineErrorParser(types, prog="pat-hf-train", epilog="Each distiller has options of its own: add "
+    parser = OneLineErrorParser(types, prog="pat-hf-train", epilog="Each distiller has options of its own: add "
                                                                    "--distiller NAME to --help to list them.")
     parser.add_argument(*CONFIG_FLAGS, default="", help="YAML file or shipped recipe name of default values "
                                                      "(reference keys)")
@@ -167,13 +172,38 @@ class CommandLine:
     distiller_cls: type[Distiller]
     types: list[type]
     values: dict[str, Any]
+    # The values that came from the --config file (not overridden by a flag), by field name.
+    from_config: dict[str, ConfigValue] = field(default_factory=dict)
 
     def build(self) -> RunArguments:
         """The argument objects. Building `TrainingArguments` sets up transformers' devices (and, in a
-        distributed run, its process group): a run that must shape that starts it before calling this."""
-        instances = [t(**{f.name: self.values[f.name] for f in dataclasses.fields(t) if f.init}) for t in self.types]
+        distributed run, its process group): a run that must shape that starts it before calling this.
+        A value out of range is a UsageError naming its flag, or its YAML key and file."""
+        try:
+            instances = [t(**{f.name: self.values[f.name] for f in dataclasses.fields(t) if f.init})
+                         for t in self.types]
+        except InvalidValue as error:
+            origin = self.from_config.get(error.dest)
+            if origin is None:
+                raise
+            raise UsageError(error.naming(f"key {origin.key!r} in {origin.file}")) from error
+        except UsageError:
+            raise
+        except ValueError as error:  # the checks of transformers' TrainingArguments and of the distillers
+            raise UsageError(str(error)) from error
         model, data, recipe, distill, *own, training = instances
         return RunArguments(model, data, recipe, distill, own[0] if own else None, training)
+
+
+_NOT_GIVEN = object()
+
+
+def _given_as_flags(parser: HfArgumentParser, argv: list[str], dests: list[str]) -> set[str]:
+    """Which of `dests` the command line sets with a flag (parsed again with a marker in place of the defaults:
+    argparse leaves a value it finds in the namespace unless a flag sets it)."""
+    namespace = argparse.Namespace(**dict.fromkeys(dests, _NOT_GIVEN))
+    parsed = vars(parser.parse_known_args(argv, namespace=namespace)[0])
+    return {dest for dest in dests if parsed[dest] is not _NOT_GIVEN}
 
 
 def read_command_line(argv: list[str] | None = None) -> CommandLine:
@@ -186,11 +216,12 @@ def read_command_line(argv: list[str] | None = None) -> CommandLine:
     distiller_cls = get_distiller_class(distiller)
     types = _dataclass_types(distiller_cls)
     parser = _build_parser(types)
+    defaults: dict[str, ConfigValue] = {}
     if config_path:
         defaults = read_config(config_path, types, distiller)
-        if defaults.get("max_grad_norm", ("", 0))[1] is None:
-            defaults["max_grad_norm"] = (defaults["max_grad_norm"][0], 0.0)
-        parser.set_defaults(**_typed_config_values(parser, defaults, config_path))
+        if "max_grad_norm" in defaults and defaults["max_grad_norm"].value is None:
+            defaults["max_grad_norm"] = defaults["max_grad_norm"]._replace(value=0.0)
+        parser.set_defaults(**_typed_config_values(parser, defaults))
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         others = _owners_of_other_options(distiller_cls)
@@ -201,7 +232,8 @@ def read_command_line(argv: list[str] | None = None) -> CommandLine:
     values = vars(namespace)
     if values["amp"]:
         _set_mixed_precision(values)
-    return CommandLine(distiller_cls, types, values)
+    flags = _given_as_flags(parser, argv, list(defaults))
+    return CommandLine(distiller_cls, types, values, {d: v for d, v in defaults.items() if d not in flags})
 
 
 def parse_arguments(argv: list[str] | None = None) -> RunArguments:

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 
 from pat_hf.cli import push_command
+from pat_hf.config.checks import OneLineArgumentParser
 from pat_hf.export.hub import prepare_repo, push_student
 
 EXPORTED_FILES = ("config.json", "model.safetensors", "README.md")
 
 
 def parse_push_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pat-hf-push", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="pat-hf-push", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="an exported student folder (OUTPUT_DIR/student)")
     parser.add_argument("repo_id", help="USER/NAME, or NAME under the token's own namespace")
     parser.add_argument("--private", action="store_true", default=None, help="create the repository private")
@@ -36,7 +37,8 @@ def parse_push_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_push_arguments(sys.argv[1:] if argv is None else argv)
-    repo_id = prepare_repo(args.repo_id, private=args.private, token=args.token, revision=args.revision)
+    repo_id = prepare_repo(args.repo_id, private=args.private, token=args.token, revision=args.revision,
+                           token_flag="--token", repo_flag="the repository id (USER/NAME)")
     url = push_student(args.directory, repo_id, token=args.token, revision=args.revision, create_pr=args.create_pr)
     print(f"pat-hf: pushed {args.directory} to {url}")
     return url

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import datasets
 import torch
 import transformers
+from datasets import IterableDataset
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback, set_seed
 
@@ -43,7 +45,7 @@ from pat_hf.data.labels import (
     train_labels_of,
 )
 from pat_hf.data.samplers import check_aug_repeats
-from pat_hf.data.sources import load_splits
+from pat_hf.data.sources import Split, load_splits
 from pat_hf.data.transforms import (
     MixupCollator,
     build_criterion,
@@ -51,6 +53,7 @@ from pat_hf.data.transforms import (
     build_transforms,
     collate,
     collate_training,
+    mixup_active,
     resolve_data_config_for,
 )
 from pat_hf.distillers import DistillContext, get_distiller_class
@@ -80,6 +83,24 @@ def setup_logging(args: RunArguments) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
     for library in (transformers, datasets):
         library.utils.logging.set_verbosity(level)
+
+
+def check_one_batch(train_set: Split, args: RunArguments) -> None:
+    """With --dataloader_drop_last (the default) a process trains only whole batches: a training split smaller
+    than one batch per process would train no step at all. Streams are checked when their epochs are cut."""
+    if isinstance(train_set, IterableDataset) or not args.training.dataloader_drop_last:
+        return
+    batch_size, processes = args.training.per_device_train_batch_size, args.training.world_size
+    per_process = math.ceil(len(train_set) / processes)
+    if per_process >= batch_size:
+        return
+    fitting = per_process - per_process % 2 if mixup_active(args.data) else per_process  # mixup pairs examples
+    each = f" for each of {processes} processes" if processes > 1 else ""
+    subset = " (--max-train-samples)" if args.data.max_train_samples else ""
+    smaller = f"pass --batch-size {fitting} or less, or " if fitting else ""
+    raise ValueError(f"the training split has {len(train_set)} examples{subset}, fewer than one batch of "
+                     f"--batch-size {batch_size}{each}, so no step would be trained: {smaller}give it more "
+                     f"training examples")
 
 
 
@@ -131,6 +152,8 @@ def train_and_export(args: RunArguments, callbacks: list[TrainerCallback] | None
         teacher = create_teacher(args.model.teacher, args.model.teacher_pretrained, num_classes,
                                  args.model.teacher_kwargs, use_ema=args.model.use_ema_teacher,
                                  img_size=(input_height, input_width), dataset_classes=num_classes)
+    # After the models' own checks (their flags come first), before anything is written.
+    check_one_batch(train_set, args)
     batch_size = args.training.per_device_train_batch_size
     mixup = build_mixup(args.data, num_classes, batch_size)
     train_labels = train_labels_of(train_set) if distiller_cls.needs_train_labels else None

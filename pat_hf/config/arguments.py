@@ -16,7 +16,17 @@ import torch
 from timm.optim import list_optimizers
 from transformers import TrainingArguments
 
+from pat_hf.config.checks import (
+    UsageError,
+    check_count,
+    check_probability,
+    check_range,
+    json_object,
+    require,
+)
+
 SCHEDULERS = ("cosine", "step", "tanh", "poly", "constant")
+MIXUP_MODES = ("batch", "pair", "elem")
 
 
 def _help(text: str, *aliases: str) -> dict:
@@ -41,8 +51,12 @@ class ModelArguments:
     drop_path: float | None = field(default=None, metadata=_help("student stochastic depth rate"))
 
     def __post_init__(self):
-        self.model_kwargs = _json_dict(self.model_kwargs, "--model-kwargs")
-        self.teacher_kwargs = _json_dict(self.teacher_kwargs, "--teacher-kwargs")
+        self.model_kwargs = json_object(self.model_kwargs, "--model-kwargs")
+        self.teacher_kwargs = json_object(self.teacher_kwargs, "--teacher-kwargs")
+        check_count(self.num_classes, "num_classes", at_least=2, none_means="the dataset's")
+        check_count(self.img_size, "img_size", none_means="the student's")
+        check_probability(self.drop, "drop", one_excluded=True)
+        check_probability(self.drop_path, "drop_path", one_excluded=True)
 
 
 @dataclass
@@ -107,16 +121,48 @@ class DataArguments:
 
     def __post_init__(self):
         if self.streaming and self.aug_repeats:
-            raise ValueError("--aug-repeats repeats indices of a map-style dataset; drop it or --streaming")
+            raise UsageError("--aug-repeats repeats indices of a map-style dataset; drop it or --streaming")
         if self.samples_per_epoch is not None and not self.streaming:
-            raise ValueError("--samples-per-epoch is for --streaming runs; use --max-train-samples for a subset")
-        if self.shuffle_buffer_size < 1:
-            raise ValueError(f"--shuffle-buffer-size must be at least 1, got {self.shuffle_buffer_size}")
-        if not 0 < self.label_fraction <= 1:  # NaN too
-            raise ValueError(f"--label-fraction must be in (0, 1], got {self.label_fraction}")
+            raise UsageError("--samples-per-epoch is for --streaming runs; use --max-train-samples for a subset")
+        check_count(self.shuffle_buffer_size, "shuffle_buffer_size")
+        check_count(self.max_train_samples, "max_train_samples", none_means="every example")
+        check_count(self.max_eval_samples, "max_eval_samples", none_means="every example")
+        check_count(self.samples_per_epoch, "samples_per_epoch", none_means="the split's size")
+        check_count(self.validation_batch_size, "validation_batch_size", none_means="the training batch size")
+        check_range(self.crop_pct, "crop_pct", low=0.0, high=1.0, low_open=True)
+        self._check_normalisation()
+        require(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1], "scale",
+                "takes two area fractions MIN MAX with 0 < MIN <= MAX", self.scale)
+        require(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1], "ratio",
+                "takes two aspect ratios MIN MAX with 0 < MIN <= MAX", self.ratio)
+        for name in ("hflip", "vflip", "reprob", "mixup_prob", "mixup_switch_prob"):
+            check_probability(getattr(self, name), name)
+        check_probability(self.smoothing, "smoothing", one_excluded=True)
+        for name in ("mixup", "cutmix", "color_jitter"):
+            check_range(getattr(self, name), name, low=0.0)
+        check_count(self.recount, "recount")
+        check_count(self.mixup_off_epoch, "mixup_off_epoch", at_least=0)
+        check_count(self.aug_repeats, "aug_repeats", at_least=0)
+        require(self.mixup_mode in MIXUP_MODES, "mixup_mode", f"must be one of {', '.join(MIXUP_MODES)}",
+                self.mixup_mode)
+        require(0 < self.label_fraction <= 1, "label_fraction", "must be in (0, 1]", self.label_fraction)
         if self.label_fraction < 1 and self.streaming:
-            raise ValueError("--label-fraction draws a fixed subset of a map-style dataset's rows; drop it or "
+            raise UsageError("--label-fraction draws a fixed subset of a map-style dataset's rows; drop it or "
                              "--streaming (a stream's -1 rows are unlabelled with --allow-unlabelled)")
+
+    def _check_normalisation(self) -> None:
+        """--mean and --std together (one value for every channel, or one per RGB channel), each std > 0: one
+        without the other would be completed by the model's or dataset's statistics, unlike what args.yaml says."""
+        if bool(self.mean) != bool(self.std):
+            given, missing = ("mean", "std") if self.mean else ("std", "mean")
+            require(False, given, f"needs --{missing} too: pass both (one value, or one per RGB channel) or neither "
+                                  f"(the model's or dataset's statistics)", getattr(self, given))
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            require(len(values) in (0, 1, 3), name, "takes one value or three (R G B)", values)
+            if len(values) == 1:
+                setattr(self, name, values * 3)  # recorded (args.yaml, the exported config) per channel
+        require(all(v > 0 for v in self.std), "std", "takes values > 0 (images are divided by it)", self.std)
 
 
 @dataclass
@@ -128,6 +174,12 @@ class DistillArguments:
     gt_loss_weight: float = field(default=1.0, metadata={"help": "weight of the ground-truth (CE) term"})
     kd_loss_weight: float = field(default=1.0, metadata={"help": "weight of the logit distillation term"})
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KD term"})
+
+    def __post_init__(self):
+        check_range(self.kd_temperature, "kd_temperature", low=0.0, low_open=True)
+        for name in ("gt_loss_weight", "kd_loss_weight"):
+            check_range(getattr(self, name), name, low=0.0)
+
 
 
 @dataclass
@@ -170,22 +222,31 @@ class RecipeArguments:
         "with --export-onnx: also student/model_int8.onnx (ONNX Runtime static quantisation)"))
 
     def __post_init__(self):
-        if self.cost_runs < 0:
-            raise ValueError(f"--cost-runs must be 0 (skip) or more, got {self.cost_runs}")
-        if self.export_int8 and not self.export_onnx:
-            raise ValueError("--export-int8 needs --export-onnx")
-        if self.skip_nonfinite_steps < 0:
-            raise ValueError(f"--skip-nonfinite-steps must be 0 or more, got {self.skip_nonfinite_steps}")
+        check_count(self.cost_runs, "cost_runs", at_least=0)
+        require(self.export_onnx or not self.export_int8, "export_int8", "needs --export-onnx", self.export_int8)
+        check_count(self.skip_nonfinite_steps, "skip_nonfinite_steps", at_least=0)
         name = self.opt.lower().removeprefix("lookahead_")
         if name not in list_optimizers():
-            raise ValueError(f"unknown optimizer --opt {self.opt!r}; e.g. sgd, adamw, lamb "
+            raise UsageError(f"unknown optimizer --opt {self.opt!r}; e.g. sgd, adamw, lamb "
                              f"(all names: timm.optim.list_optimizers())")
         if self.sched not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler --sched {self.sched!r}; choose one of {', '.join(SCHEDULERS)}")
+            raise UsageError(f"unknown scheduler --sched {self.sched!r}; choose one of {', '.join(SCHEDULERS)}")
         if self.model_ema and not self.model_ema_decay:
-            raise ValueError("--model-ema needs at least one --model-ema-decay value")
+            raise UsageError("--model-ema needs at least one --model-ema-decay value")
         if self.export_ema and not self.model_ema:
-            raise ValueError("--export-ema needs --model-ema")
+            raise UsageError("--export-ema needs --model-ema")
+        check_probability(self.momentum, "momentum", one_excluded=True)
+        check_range(self.opt_eps, "opt_eps", low=0.0, low_open=True)
+        require(not self.opt_betas or (len(self.opt_betas) == 2 and all(0 <= b < 1 for b in self.opt_betas)),
+                "opt_betas", "takes two values BETA1 BETA2, each in [0, 1)", self.opt_betas)
+        for name in ("warmup_epochs", "cooldown_epochs"):
+            check_count(getattr(self, name), name, at_least=0)
+        for name in ("warmup_lr", "min_lr"):
+            check_range(getattr(self, name), name, low=0.0)
+        for name in ("decay_epochs", "decay_rate"):
+            check_range(getattr(self, name), name, low=0.0, low_open=True)
+        require(all(0 <= d < 1 for d in self.model_ema_decay), "model_ema_decay", "takes values in [0, 1)",
+                self.model_ema_decay)
 
 
 AUTO_WORKERS = -1
@@ -254,10 +315,18 @@ class DistillTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self.debug = ""
-        _check_positive("--batch-size", self.per_device_train_batch_size)
-        _check_positive("--lr", self.learning_rate)
+        # An empty --output_dir would be met only once the data and models are built (and "" is no folder).
+        require(bool(self.output_dir and str(self.output_dir).strip()), "output_dir",
+                "must name a folder (e.g. --output_dir runs/NAME)", self.output_dir, flag="--output_dir")
+        check_range(self.per_device_train_batch_size, "per_device_train_batch_size", low=0, low_open=True,
+                    flag="--batch-size")
+        check_range(self.learning_rate, "learning_rate", low=0.0, low_open=True, flag="--lr")
         if not self.max_steps or self.max_steps < 0:
-            _check_positive("--epochs", self.num_train_epochs)
+            check_range(self.num_train_epochs, "num_train_epochs", low=0.0, low_open=True, flag="--epochs")
+        check_range(self.weight_decay, "weight_decay", low=0.0, flag="--weight-decay")
+        check_range(self.max_grad_norm, "max_grad_norm", low=0.0, flag="--clip-grad")
+        check_count(self.gradient_accumulation_steps, "gradient_accumulation_steps",
+                    flag="--gradient_accumulation_steps")
         self.push_student_to_hub = self.push_to_hub
         self.push_to_hub = False
         if self.label_names is None:
@@ -272,7 +341,7 @@ class DistillTrainingArguments(TrainingArguments):
             self.dataloader_num_workers = auto_num_workers(on_gpu=torch.cuda.is_available() and not self.use_cpu)
         if self.dataloader_persistent_workers is None:
             self.dataloader_persistent_workers = self.dataloader_num_workers > 0
-        _check_positive("--ddp_timeout", self.ddp_timeout)
+        check_range(self.ddp_timeout, "ddp_timeout", low=0, low_open=True, flag="--ddp_timeout")
         super().__post_init__()
 
 
@@ -331,20 +400,3 @@ class RunArguments:
         resolved["distiller_hyperparameters"] = dataclasses.asdict(self.hparams) if self.hparams else {}
         resolved["training"] = json.loads(self.training.to_json_string())
         return resolved
-
-
-def _check_positive(flag: str, value: float) -> None:
-    if not value > 0:  # NaN too
-        raise ValueError(f"{flag} must be positive, got {value}")
-
-
-def _json_dict(value: Any, flag: str) -> dict:
-    if isinstance(value, dict):
-        return value
-    try:
-        parsed = json.loads(value or "{}")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{flag} must be a JSON object, e.g. '{{\"img_size\": 32}}': {error}") from None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{flag} must be a JSON object, got {value!r}")
-    return parsed

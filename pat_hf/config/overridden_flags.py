@@ -7,6 +7,7 @@ line or as a key of the --config YAML, is an error that names what to use instea
 
 from __future__ import annotations
 
+from pat_hf.config.checks import UsageError
 from pat_hf.config.yaml_reader import config_chain
 
 _OPTIMIZER = "it trains with timm's optimizer"
@@ -36,7 +37,7 @@ def _normalised(name: str) -> str:
 
 
 def reject_overridden_flags(argv: list[str], config_path: str = "") -> None:
-    """Raise ValueError for the first TrainingArguments flag in `argv`, or key in the `config_path` YAML (a file
+    """Raise UsageError for the first TrainingArguments flag in `argv`, or key in the `config_path` YAML (a file
     or a shipped recipe, with its `base:` chain), that pat-hf overrides with the reference's recipe."""
     given = {_normalised(token): f"--{_normalised(token)}" for token in argv if token.startswith("--")}
     if config_path:
@@ -45,4 +46,4 @@ def reject_overridden_flags(argv: list[str], config_path: str = "") -> None:
                       if _normalised(str(key)) not in given}
     for name, (why, instead) in OVERRIDDEN_FLAGS.items():
         if name in given:
-            raise ValueError(f"{given[name]} is not used by pat-hf ({why}); {instead}")
+            raise UsageError(f"{given[name]} is not used by pat-hf ({why}); {instead}")

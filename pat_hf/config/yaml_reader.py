@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from pat_hf.config.checks import UsageError, UsageFileNotFoundError
+
 BASE_KEY = "base"
 CONFIG_FLAGS = ("-c", "--config")
 SHIPPED_RECIPES = Path(__file__).parent / "recipes"
@@ -37,7 +39,7 @@ def resolve_config_path(path: str) -> Path:
     shipped = SHIPPED_RECIPES / (name if name.endswith(".yaml") else f"{name}.yaml")
     if shipped.is_file():
         return shipped
-    raise FileNotFoundError(f"config not found: {path} is neither a file nor a shipped config "
+    raise UsageFileNotFoundError(f"config not found: {path} is neither a file nor a shipped config "
                             f"(e.g. {', '.join(shipped_recipe_names()[:4])}; see pat_hf/config/recipes)")
 
 
@@ -46,19 +48,19 @@ def _read_mapping(path: Path, shown: str) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise ValueError(f"{shown} is not a UTF-8 text file; save it as UTF-8 YAML") from None
+        raise UsageError(f"{shown} is not a UTF-8 text file; save it as UTF-8 YAML") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ValueError(f"{shown} is not valid YAML{where}: {problem} (indent with spaces, write key: value)") \
+        raise UsageError(f"{shown} is not valid YAML{where}: {problem} (indent with spaces, write key: value)") \
             from None
     except OSError as error:
-        raise ValueError(f"cannot read {shown}: {error.strerror or error}") from None
+        raise UsageError(f"cannot read {shown}: {error.strerror or error}") from None
     if config is None:
         return {}
     if not isinstance(config, dict):
-        raise ValueError(f"{shown} must hold a mapping of option: value, not a {type(config).__name__}")
+        raise UsageError(f"{shown} must hold a mapping of option: value, not a {type(config).__name__}")
     return config
 
 
@@ -78,7 +80,7 @@ def config_chain(path: str) -> list[tuple[str, dict[str, Any]]]:
             return chain
         base_path = (config_path.parent / str(base)).resolve()
         if base_path in seen:
-            raise ValueError(f"{shown}: 'base: {base}' includes a file that includes it")
+            raise UsageError(f"{shown}: 'base: {base}' includes a file that includes it")
         if not base_path.is_file():
-            raise FileNotFoundError(f"{shown}: 'base: {base}' names no file ({base_path} does not exist)")
+            raise UsageFileNotFoundError(f"{shown}: 'base: {base}' names no file ({base_path} does not exist)")
         shown, config_path = str(base_path), base_path

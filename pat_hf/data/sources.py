@@ -5,6 +5,7 @@ split with two columns, `image` and `label`.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from PIL import Image
 
 from pat_hf.config.arguments import DataArguments
 
+logger = logging.getLogger("pat_hf")
+
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
 EVAL_SPLIT_CANDIDATES = ("validation", "val", "valid", "test")
@@ -22,6 +25,11 @@ EVAL_SPLIT_CANDIDATES = ("validation", "val", "valid", "test")
 LOCAL_STREAM_SHARDS = 64
 # Files that `datasets` reads as tables (a folder holding any is loaded by format, not as an image tree).
 DATA_FILE_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".tar")
+# The folder names `datasets` reads as the splits of an image folder, by split.
+TRAIN_FOLDERS = ("train", "training")
+EVAL_FOLDERS = ("validation", "valid", "dev", "val", "test", "testing", "eval", "evaluation")
+# A string label column of a map-style split is mapped to class indices through a ClassLabel of its sorted names.
+STRING_DTYPES = ("string", "large_string")
 
 
 @dataclass(frozen=True)
@@ -94,10 +102,63 @@ def _empty_split_error(where: str) -> ValueError:
     return ValueError(f"a split of {where} is empty; give every split examples (or remove the empty one)")
 
 
+def _visible_folders(folder: str) -> list[os.DirEntry]:
+    # `datasets` skips hidden files and folders (.ipynb_checkpoints, ...).
+    with os.scandir(folder) as entries:
+        return sorted((e for e in entries if e.is_dir() and not e.name.startswith((".", "__"))), key=lambda e: e.name)
+
+
+def _classes_of(split_folder: str) -> set[str]:
+    """The class folders of one split that hold images. `datasets` labels an image by the folder it lies in, so an
+    image in a sub-folder of a class would be given the sub-folder's name: refused, naming it."""
+    classes = set()
+    for class_folder in _visible_folders(split_folder):
+        with os.scandir(class_folder.path) as entries:
+            children = list(entries)
+        nested = [e for e in children if e.is_dir() and not e.name.startswith((".", "__"))]
+        if nested:
+            raise ValueError(f"{nested[0].path} is a folder inside the class folder {class_folder.path}: its images "
+                             f"would be labelled {nested[0].name!r}, not {class_folder.name!r}; keep one level of "
+                             f"class folders (SPLIT/CLASS/*.jpg): move its images up or make it a class of its own")
+        if any(e.is_file() and not e.name.startswith(".") for e in children):
+            classes.add(class_folder.name)
+    return classes
+
+
+def check_class_folders(folder: str) -> None:
+    """The classes of an image folder are the names of its class folders, in every split alike: an evaluation
+    split with a class the training split lacks (or spells otherwise: names are case-sensitive) would score the
+    student on classes it never saw, and is refused; one that lacks some classes is scored on the others, as
+    the log says."""
+    splits = _visible_folders(folder)
+    train = next((e for e in splits if e.name.lower() in TRAIN_FOLDERS), None)
+    if train is None:  # no split folders: the folder is the training split, its sub-folders the classes
+        _classes_of(folder)
+        return
+    train_classes = _classes_of(train.path)
+    for split in (e for e in splits if e.name.lower() in EVAL_FOLDERS):
+        classes = _classes_of(split.path)
+        unknown = sorted(classes - train_classes)
+        if unknown:
+            by_case = {name.lower(): name for name in train_classes}
+            cased = [f"{name!r} (train has {by_case[name.lower()]!r})" for name in unknown if name.lower() in by_case]
+            hint = f"; class names are case-sensitive: {', '.join(cased[:3])}" if cased else ""
+            raise ValueError(f"{split.path} has class folder(s) {', '.join(map(repr, unknown[:5]))} that {train.path} "
+                             f"has not{hint}: give every class the same folder name in both splits (or remove the "
+                             f"classes the student cannot learn)")
+        absent = sorted(train_classes - classes)
+        if absent:
+            logger.warning("%s has no images of %d of the %d classes (%s): it scores the student on the others",
+                        split.path, len(absent), len(train_classes), ", ".join(absent[:10]))
+
+
 def _load_folder(folder: str, streaming: bool) -> DatasetDict | datasets.IterableDatasetDict:
     # One sub-folder per class. A lone class keeps its label (datasets would drop it), so that the check of the
     # classes can say what is wrong.
-    options = {} if _holds_data_files(folder) else {"path": "imagefolder", "data_dir": folder, "drop_labels": False}
+    images = not _holds_data_files(folder)
+    if images:
+        check_class_folders(folder)
+    options = {"path": "imagefolder", "data_dir": folder, "drop_labels": False} if images else {}
     try:
         return datasets.load_dataset(**({"path": folder} | options), streaming=streaming)
     except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError):
@@ -162,6 +223,8 @@ def _pick_column(features: datasets.Features, requested: str | None, default: st
     if default and default in columns:
         return default
     typed = [c for c, feature in features.items() if isinstance(feature, kind)]
+    if what == "label":  # a plain column of that name: integers, or class names mapped by `_encode_string_labels`
+        typed = typed or [c for c in ("label", "labels") if c in columns]
     if not typed:
         raise ValueError(f"cannot tell which column holds the {what} (columns: {', '.join(columns)}); "
                          f"pass --{what}-column NAME")
@@ -195,6 +258,28 @@ def _as_stream(split: Dataset, name: str) -> IterableDataset:
     return stream
 
 
+def _encode_string_labels(train: Split, evaluation: Split, column: str) -> tuple[Split, Split]:
+    """A label column of class names (strings) mapped to indices through a ClassLabel of the training split's
+    sorted names, which the exported student then carries as its label_names."""
+    feature = train.features["label"]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in STRING_DTYPES):
+        return train, evaluation
+    if isinstance(train, IterableDataset) or isinstance(evaluation, IterableDataset):
+        raise ValueError(f"the label column {column!r} holds class names (strings), which a stream cannot map to "
+                         f"class indices before reading it all: drop --streaming, or save the dataset with "
+                         f"dataset.class_encode_column({column!r})")
+    names = sorted(train.unique("label"))
+    unknown = sorted(set(evaluation.unique("label")) - set(names))
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:5]))
+        raise ValueError(f"the evaluation split has labels the training split has not ({shown} in column "
+                         f"{column!r}): the student cannot learn them; fix the labels or the splits")
+    labels = ClassLabel(names=names)
+    logger.info("label column %r holds class names: mapped to %d classes in sorted order (%s)", column, len(names),
+                ", ".join(names[:10]))
+    return train.cast_column("label", labels), evaluation.cast_column("label", labels)
+
+
 def load_splits(args: DataArguments, seed: int = 0) -> tuple[Split, Split, DatasetSource | None]:
     """(train, eval, source) with columns `image` and `label` only. --max-train-samples / --max-eval-samples
     take a random subset drawn with `seed`. With --streaming both splits are streams, the training one
@@ -208,13 +293,19 @@ def load_splits(args: DataArguments, seed: int = 0) -> tuple[Split, Split, Datas
                                 "image")
     label_column = _pick_column(features, args.label_column, source and source.label_column, ClassLabel, "label")
     eval_split = _pick_eval_split(splits, args.val_split, source and source.eval_split)
-    normalised = []
-    for name, limit in ((args.train_split, args.max_train_samples), (eval_split, args.max_eval_samples)):
+    selected = []
+    for name in (args.train_split, eval_split):
         split = splits[name].select_columns([image_column, label_column])
         split = split.rename_columns({c: n for c, n in ((image_column, "image"), (label_column, "label")) if c != n})
+        if isinstance(split, Dataset) and not len(split):
+            raise ValueError(f"the {name!r} split of {args.dataset} is empty; pass a split with examples")
+        selected.append(split)
+    # Class names are mapped on the whole splits, so that a subset (or another run's) gets the same indices.
+    train, evaluation = _encode_string_labels(*selected, label_column)
+    normalised = []
+    for name, split, limit in ((args.train_split, train, args.max_train_samples),
+                               (eval_split, evaluation, args.max_eval_samples)):
         if isinstance(split, Dataset):
-            if not len(split):
-                raise ValueError(f"the {name!r} split of {args.dataset} is empty; pass a split with examples")
             split = _as_stream(split, name) if args.streaming else random_subset(split, limit or len(split), seed)
         normalised.append(split)
     train, evaluation = normalised

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pat_hf.config.arguments import DataArguments, DistillArguments
+from pat_hf.config.checks import UsageError
 from pat_hf.models.stages.layer import StageLayer
 from pat_hf.models.stages.plan import NUM_STAGES, StageOutput
 
@@ -46,7 +47,7 @@ def get_distiller_class(name: str) -> type[Distiller]:
     try:
         return DISTILLERS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown distiller {name!r}; choose one of {', '.join(sorted(DISTILLERS))}") from None
+        raise UsageError(f"unknown distiller {name!r}; choose one of {', '.join(sorted(DISTILLERS))}") from None
 
 
 @dataclass(frozen=True)

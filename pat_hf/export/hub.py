@@ -25,9 +25,11 @@ def _first_line(error: Exception) -> str:
 
 
 def prepare_repo(repo_id: str, *, private: bool | None = None, token: str | None = None,
-                 revision: str | None = None) -> str:
+                 revision: str | None = None, token_flag: str = "--hub_token",
+                 repo_flag: str = "--hub_model_id") -> str:
     """Create the model repository (and branch) if missing and check that the token may write to it, before
-    any training; returns the repository id the Hub resolved (`RepoUrl.repo_id`)."""
+    any training; returns the repository id the Hub resolved (`RepoUrl.repo_id`). `token_flag` and `repo_flag`:
+    how the calling command takes the token and the repository id, for its message."""
     api = HfApi(token=token)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -36,7 +38,7 @@ def prepare_repo(repo_id: str, *, private: bool | None = None, token: str | None
             api.create_branch(repo_id, branch=revision, exist_ok=True)
     except (OSError, ValueError) as error:  # HTTP errors, no token, offline mode, a malformed repo id
         raise HubPushError(f"cannot push to the Hub repository {repo_id!r}: {_first_line(error)} (log in with "
-                           f"`hf auth login` or pass --hub_token with a write token, and check --hub_model_id)"
+                           f"`hf auth login` or pass {token_flag} with a write token, and check {repo_flag})"
                            ) from None
     return repo_id
 
@@ -57,9 +59,14 @@ def push_student(directory: str | Path, repo_id: str, *, token: str | None = Non
     readme = Path(directory) / "README.md"
     card = with_repo_usage(ModelCard.load(readme), repo_id)
     card.save(readme)
-    commit = HfApi(token=token).upload_folder(
-        repo_id=repo_id, folder_path=str(directory), commit_message=commit_message(card), revision=revision,
-        create_pr=create_pr)
+    try:
+        commit = HfApi(token=token).upload_folder(
+            repo_id=repo_id, folder_path=str(directory), commit_message=commit_message(card), revision=revision,
+            create_pr=create_pr)
+    except (OSError, ValueError) as error:  # HTTP errors, a lost connection, offline mode
+        raise HubPushError(f"could not upload {directory} to the Hub repository {repo_id!r}: {_first_line(error)}; "
+                           f"nothing was committed (an upload is one commit): push it again with pat-hf-push "
+                           f"{directory} {repo_id}") from None
     return commit.pr_url or commit.commit_url
 
 

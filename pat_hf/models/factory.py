@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
+from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file
 from torch import nn
 
+from pat_hf.config.checks import UsageError
 from pat_hf.models.dry_run import dry_run
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace]
 STATE_DICT_KEYS = ("state_dict", "model", "module")
 EMA_STATE_DICT_KEYS = ("state_dict_ema", "model_ema")
+BATCH_COUNTER = "num_batches_tracked"  # BatchNorm's buffer, filled in by load_state_dict when a checkpoint lacks it
 
 
 class _CapturedBuild(Exception):
@@ -70,17 +73,27 @@ def exported_model_kwargs(model: nn.Module, kwargs: Mapping[str, Any], img_size:
     return {**kwargs, "img_size": img_size}
 
 
-def _build(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+def _unknown_kwarg(error: TypeError) -> str | None:
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    return found.group(1) if found else None
+
+
+def _build(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool,
+           kwargs_flag: str = "--model-kwargs") -> nn.Module:
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except TypeError as error:
+        key = _unknown_kwarg(error)
+        if key is not None and key in kwargs and key != "img_size":
+            raise UsageError(f"{kwargs_flag}: {name} takes no argument {key!r}; drop it or check its spelling "
+                             f"against the arguments of timm's {name}") from None
         if "multiple values for keyword argument" not in str(error) or pretrained:
             raise
         return _create_with_overridden_defaults(name, num_classes, kwargs)
 
 
 def _build_for_size(name: str, num_classes: int, kwargs: dict[str, Any], pretrained: bool,
-                    img_size: ImageSize) -> nn.Module:
+                    img_size: ImageSize, kwargs_flag: str) -> nn.Module:
     """timm's `img_size` where the model takes one (a pretrained ViT's position embeddings are resampled);
     a model that takes none (most CNNs) is built as it is and must simply run at that size."""
     height, width = _as_pair(img_size)
@@ -92,32 +105,61 @@ def _build_for_size(name: str, num_classes: int, kwargs: dict[str, Any], pretrai
     size_arg = height if height == width else (height, width)
     try:
         try:
-            model = _build(name, num_classes, {**kwargs, "img_size": size_arg}, pretrained)
+            model = _build(name, num_classes, {**kwargs, "img_size": size_arg}, pretrained, kwargs_flag)
         except TypeError as error:
             if "'img_size'" not in str(error):
                 raise
-            model = _build(name, num_classes, kwargs, pretrained)
+            model = _build(name, num_classes, kwargs, pretrained, kwargs_flag)
         dry_run(model, (3, height, width))
+    except UsageError:
+        raise
     except (AssertionError, RuntimeError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{name} cannot run at an input size of {height}x{width} (--img-size): {message}") from None
     return model
 
 
+def _unloadable(name: str, error: OSError) -> ValueError:
+    """Weights from the Hub (or a local-dir: export) that cannot be had, as one line saying what to pass."""
+    if name.startswith("local-dir:"):
+        reason = error.strerror or _first_line(error)
+        return ValueError(f"cannot load {name}: {reason}; pass the folder of an exported student (config.json and "
+                          f"model.safetensors) or a local weights file")
+    if hub_constants.HF_HUB_OFFLINE:
+        reason = "the Hugging Face Hub is not reachable in offline mode (HF_HUB_OFFLINE=1) and the weights are " \
+                 "not in the local cache"
+    else:
+        reason = f"the Hugging Face Hub did not give its weights ({_first_line(error)})"
+    return ValueError(f"cannot load {name}: {reason}; go online once to cache them, or pass a local weights file "
+                      f"or local-dir:DIR")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 @torch.no_grad()
 def create_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None = None,
-                 pretrained: bool = False, img_size: ImageSize | None = None) -> nn.Module:
-    """`timm.create_model`, with a clear error for unknown names and overridable variant defaults.
+                 pretrained: bool = False, img_size: ImageSize | None = None,
+                 kwargs_flag: str = "--model-kwargs") -> nn.Module:
+    """`timm.create_model`, with a clear error for unknown names, unknown kwargs (named with `kwargs_flag`) and
+    unreachable Hub weights, and overridable variant defaults.
 
     `img_size`: build the model for that input size (int or (height, width)) and check that it runs there."""
     kwargs = dict(kwargs or {})
-    if not name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(name):
+    external = name.startswith(("hf-hub:", "local-dir:"))
+    if not external and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models() for the available names"
         raise ValueError(f"unknown timm model {name!r}; {hint}")
-    if img_size is None:
-        return _build(name, num_classes, kwargs, pretrained)
-    return _build_for_size(name, num_classes, kwargs, pretrained, img_size)
+    try:
+        if img_size is None:
+            return _build(name, num_classes, kwargs, pretrained, kwargs_flag)
+        return _build_for_size(name, num_classes, kwargs, pretrained, img_size, kwargs_flag)
+    except OSError as error:
+        if not external:
+            raise
+        raise _unloadable(name, error) from None
 
 
 def _unreadable(path: str, error: Exception) -> ValueError:
@@ -197,10 +239,11 @@ def _check_classifier(model: nn.Module, state: dict[str, torch.Tensor], path: st
 
 
 def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """One line on what differs between a checkpoint and the model: counts and a few examples."""
+    """One line on what differs between a checkpoint and the model: counts and a few examples. BatchNorm's
+    step counters may be missing, as strict loading accepts (they do not change what the model computes)."""
     expected = model.state_dict()
     reshaped = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.endswith(BATCH_COUNTER)]
     unexpected = [k for k in state if k not in expected]
     if not (reshaped or missing or unexpected):
         return
@@ -219,9 +262,22 @@ def _check_fit(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> N
                      f"--model-kwargs / --teacher-kwargs)")
 
 
+def check_finite_weights(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Weights holding NaN or inf would poison every step (and be blamed on the learning rate later): refused
+    at load, naming the first few tensors."""
+    bad = [name for name, tensor in state.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{where} holds NaN or inf values in {len(bad)} tensor(s) ({', '.join(bad[:3])}{more}): "
+                         f"the weights are damaged; download or export them again")
+
+
 def load_weights(model: nn.Module, path: str, use_ema: bool = False, dataset_classes: int | None = None) -> nn.Module:
-    """Load a checkpoint into `model`; anything that does not fit is one line naming the file."""
+    """Load a checkpoint into `model`; anything that does not fit, or a weight that is not finite, is one line
+    naming the file."""
     state = remap_legacy_keys(model, read_state_dict(path, use_ema))
+    check_finite_weights(state, path)
     _check_classifier(model, state, path, dataset_classes)
     _check_fit(model, state, path)
     model.load_state_dict(state)
@@ -237,13 +293,15 @@ def create_teacher(name: str, checkpoint: str, num_classes: int, kwargs: Mapping
     (ViT position embeddings are resampled, Swin's relative position tables resized). `dataset_classes`: the
     data's, so that a class-count hint never suggests a --num-classes below it."""
     if checkpoint.startswith(("hf-hub:", "local-dir:")):
-        teacher = create_model(checkpoint, num_classes, kwargs, pretrained=True, img_size=img_size)
+        teacher = create_model(checkpoint, num_classes, kwargs, pretrained=True, img_size=img_size,
+                               kwargs_flag="--teacher-kwargs")
+        check_finite_weights(teacher.state_dict(), checkpoint)
     else:
         if not checkpoint:
             raise ValueError(f"--teacher {name} needs --teacher-pretrained FILE (or --teacher '' for no teacher)")
         require_file(checkpoint, "teacher checkpoint")
-        teacher = load_weights(create_model(name, num_classes, kwargs, img_size=img_size), checkpoint, use_ema,
-                               dataset_classes)
+        teacher = load_weights(create_model(name, num_classes, kwargs, img_size=img_size,
+                                            kwargs_flag="--teacher-kwargs"), checkpoint, use_ema, dataset_classes)
     teacher.requires_grad_(False)
     return teacher.eval()
 

@@ -1,6 +1,9 @@
-"""`python -m pat_hf.reference CKPT --distiller NAME`: convert a reference checkpoint (pat_hf/reference/convert.py)."""
+"""`python -m pat_hf.reference CKPT --distiller NAME`: convert a reference checkpoint (pat_hf/reference/convert.py).
 
-from pat_hf.reference.convert import main
+The converter is imported under the failure contract (pat_hf/cli/failures.py), so that Ctrl-C during the imports
+ends as the contract says too."""
+
+from pat_hf.cli.failures import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command("python -m pat_hf.reference", "pat_hf.reference.convert:main")

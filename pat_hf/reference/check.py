@@ -21,10 +21,8 @@ reference's top-level module name; modules without parameters may be left out) a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from pat_hf.cli.failures import run_command
+from pat_hf.config.checks import OneLineArgumentParser
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
 from pat_hf.models.factory import create_model
 from pat_hf.reference.convert import (
@@ -147,8 +147,11 @@ def format_table(pair: str, distiller: str, comparisons: list[Comparison]) -> st
     return "\n".join(lines)
 
 
+CHECK_PROG = "python -m pat_hf.reference.check"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog=CHECK_PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("fixture", type=Path, help="NAME.safetensors (NAME.json must lie beside it)")
     parser.add_argument("--distiller", help="check this distiller only (default: every one the fixture records)")
     args = parser.parse_args(argv)
@@ -165,5 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def _main_with_status(argv: list[str]) -> None:
+    status = main(argv)
+    if status:
+        raise SystemExit(status)
+
+
+def command(argv: list[str] | None = None) -> None:
+    """`main` under the failure contract (pat_hf/cli/failures.py); a parity mismatch keeps its own status 1,
+    after the table that shows it."""
+    run_command(CHECK_PROG, _main_with_status, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

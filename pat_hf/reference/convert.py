@@ -14,8 +14,6 @@ HobbitLong/RepDistiller `crd/memory.py`; FitNet from PAT's rewritten `distillers
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,9 +24,13 @@ from einops import rearrange
 from safetensors.torch import save_file
 from torch import nn
 
+from pat_hf.cli.failures import run_command
+from pat_hf.config.checks import OneLineArgumentParser, json_object
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
 from pat_hf.models.factory import create_model, read_state_dict, remap_legacy_keys
 from pat_hf.modules.grid_aligner import grids_are_multiples
+
+CONVERT_PROG = "python -m pat_hf.reference"
 
 # The reference's `contrast.params` buffer: [K, T, Z_v1, Z_v2, momentum]. Z_v1 divides the student embedding's
 # scores (against memory_v2), Z_v2 the teacher's; both are -1 until the first batch sets them.
@@ -244,9 +246,10 @@ def convert_reference_checkpoint(whole: Mapping[str, torch.Tensor], distiller: s
 
 def main(argv: list[str] | None = None) -> None:
     """python -m pat_hf.reference.convert CHECKPOINT --distiller NAME --model NAME --num-classes N --output DIR"""
-    parser = argparse.ArgumentParser(description="Convert a reference (OFA-KD/PAT) training checkpoint: writes "
-                                                 "DIR/student.safetensors (timm 1.x names, for --initial-checkpoint "
-                                                 "or evaluation) and DIR/distiller.safetensors (pat-hf names).")
+    parser = OneLineArgumentParser(
+        prog=CONVERT_PROG, description="Convert a reference (OFA-KD/PAT) training checkpoint: writes "
+                                       "DIR/student.safetensors (timm 1.x names, for --initial-checkpoint or "
+                                       "evaluation) and DIR/distiller.safetensors (pat-hf names).")
     parser.add_argument("checkpoint")
     parser.add_argument("--distiller", required=True, help="the reference run's --distiller")
     parser.add_argument("--model", required=True, help="the student's timm name")
@@ -259,9 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.distiller == "fitnet" and not args.teacher:
         parser.error("--distiller fitnet needs --teacher NAME: its aligners follow both models' stage layouts")
-    student = create_model(args.model, args.num_classes, json.loads(args.model_kwargs))
-    teacher = (create_model(args.teacher, args.num_classes, json.loads(args.teacher_kwargs))
-               if args.teacher else None)
+    student = create_model(args.model, args.num_classes, json_object(args.model_kwargs, "--model-kwargs"))
+    teacher = (create_model(args.teacher, args.num_classes, json_object(args.teacher_kwargs, "--teacher-kwargs"),
+                            kwargs_flag="--teacher-kwargs") if args.teacher else None)
     whole = read_state_dict(args.checkpoint, use_ema=True)
     state = convert_reference_checkpoint(whole, args.distiller, student, teacher, (3, args.img_size, args.img_size))
     args.output.mkdir(parents=True, exist_ok=True)
@@ -276,5 +279,10 @@ def main(argv: list[str] | None = None) -> None:
                                                           for name, value in hyperparameters.items()))
 
 
+def command(argv: list[str] | None = None) -> None:
+    """`main` under the failure contract of the commands (pat_hf/cli/failures.py)."""
+    run_command(CONVERT_PROG, main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    command()
