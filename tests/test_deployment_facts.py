@@ -65,3 +65,18 @@ def test_without_a_teacher_there_is_no_comparison(tmp_path):
 def test_int8_without_onnx_is_refused():
     with pytest.raises(ValueError, match="--export-int8 needs --export-onnx"):
         pat_train.main(tiny_run("unused", None, "--export-int8"))
+
+
+def test_evaluate_benchmark_measures_the_export_against_the_runs_teacher(finished_run, tmp_path, capsys):
+    from pat_hf.cli.evaluate import main as pat_hf_evaluate
+
+    output, metrics = finished_run
+    result = pat_hf_evaluate([str(output / "student"), "--benchmark", "--benchmark_runs", "2",
+                              "--no_progress_bar", "--json", str(tmp_path / "result.json")])
+    assert result["top1"] == pytest.approx(metrics["eval_top1"])
+    cost = result["cost"]
+    assert cost["student"]["top1"] == pytest.approx(result["top1"]) and cost["teacher"]["model"] == "test_resnet"
+    assert cost["latency"]["runs"] == 2
+    assert json.loads((output / "student" / "cost.json").read_text()) == json.loads(json.dumps(cost))
+    assert json.loads((tmp_path / "result.json").read_text())["cost"]["params_ratio"] == cost["params_ratio"]
+    assert "| parameters (M) |" in capsys.readouterr().out

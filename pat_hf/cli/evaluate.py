@@ -27,15 +27,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pat_hf.cli import evaluate_command
+from pat_hf.cli.parser import OneLineErrorParser
 from pat_hf.config.arguments import DataArguments, DistillTrainingArguments
 from pat_hf.config.checks import UsageError, check_count, json_object
-from pat_hf.cli.parser import OneLineErrorParser
 from pat_hf.data.examples import attach_transform
 from pat_hf.data.labels import num_classes_of
 from pat_hf.data.sources import load_splits
 from pat_hf.data.transforms import build_transforms, collate, resolve_data_config_for
+from pat_hf.export.cost import cost_table, measure_costs, model_cost, write_cost
 from pat_hf.metrics import load_topk_accuracy, top_k_indices
-from pat_hf.models.factory import create_model, read_state_dict
+from pat_hf.models.factory import create_model, create_teacher, read_state_dict
 
 PROG = "pat-hf-evaluate"
 STUDENT_PREFIX = "student."
@@ -53,11 +54,16 @@ class EvaluateArguments:
     model_kwargs: str = field(default="{}", metadata={"help": "JSON kwargs of that student"})
     num_classes: int | None = field(default=None, metadata={"help": "classes (default: the run's / dataset's)"})
     progress_bar: bool = field(default=True, metadata={"help": "show a progress bar (--no_progress_bar hides it)"})
+    benchmark: bool = field(default=False, metadata={
+        "help": "also measure the student's cost against the run's teacher (parameters, size, GMACs, CPU latency at "
+                "batch 1 and 32): printed, in --json, and written to an exported folder's cost.json"})
+    benchmark_runs: int = field(default=20, metadata={"help": "--benchmark: timed passes per batch size"})
 
     def __post_init__(self):
         check_count(self.batch_size, "batch_size", flag="--batch_size")
         check_count(self.workers, "workers", at_least=0, flag="--workers")
         check_count(self.num_classes, "num_classes", at_least=2, none_means="the run's", flag="--num_classes")
+        check_count(self.benchmark_runs, "benchmark_runs", flag="--benchmark_runs")
 
 
 def _run_args(path: Path) -> dict[str, Any]:
@@ -163,6 +169,46 @@ def evaluate_student(student: nn.Module, loader: DataLoader, amp: bool = False,
             "images": len(references)}
 
 
+def _run_teacher(run: dict[str, Any], num_classes: int, input_size: tuple[int, ...]) -> nn.Module | None:
+    """The run's teacher, when args.yaml names one whose weights can be read from here; else None (said why)."""
+    model = run.get("model", {})
+    name, weights = model.get("teacher"), model.get("teacher_pretrained") or ""
+    if not name:
+        return None
+    if not weights.startswith(("hf-hub:", "local-dir:")) and not Path(weights).is_file():
+        print(f"--benchmark: the run's teacher weights ({weights or 'none'}) are not readable from here; "
+              f"measuring the student alone", flush=True)
+        return None
+    return create_teacher(name, weights, num_classes, model.get("teacher_kwargs") or {},
+                          use_ema=bool(model.get("use_ema_teacher")), img_size=tuple(input_size[1:]),
+                          dataset_classes=num_classes)
+
+
+def benchmark(student: nn.Module, run: dict[str, Any], loader: DataLoader, num_classes: int,
+              input_size: tuple[int, ...], student_top1: float, options: EvaluateArguments,
+              exported_folder: Path | None) -> dict[str, Any]:
+    """--benchmark: the student's cost facts against the run's teacher (evaluated on the same images), printed
+    as the model card's table; written to an exported folder's cost.json."""
+    weights = exported_folder / "model.safetensors" if exported_folder else None
+    teacher = _run_teacher(run, num_classes, input_size)
+    if teacher is None:
+        cost = {"student": model_cost(student, input_size, weights_file=weights, top1=student_top1,
+                                      runs=options.benchmark_runs)}
+        print(json.dumps(cost["student"], indent=2))
+    else:
+        teacher.to(next(student.parameters()).device)
+        teacher_top1 = evaluate_student(teacher, loader, options.amp, options.progress_bar)["top1"]
+        teacher_file = run["model"]["teacher_pretrained"]
+        cost = measure_costs(student, teacher, input_size, student_name=run.get("model", {}).get("model"),
+                             teacher_name=run["model"]["teacher"], student_weights=weights,
+                             teacher_weights=teacher_file if Path(teacher_file).is_file() else None,
+                             student_top1=student_top1, teacher_top1=teacher_top1, runs=options.benchmark_runs)
+        print(cost_table(cost))
+    if exported_folder is not None:
+        write_cost(exported_folder, cost)
+    return cost
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineErrorParser([DataArguments, EvaluateArguments], prog=PROG)
@@ -205,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     split = f", split {data.val_split}" if data.val_split else ""
     print(f"{path}{' (EMA)' if options.use_ema else ''}: top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
           f"({metrics['images']} images of {data.dataset}{split})")
+    if options.benchmark:
+        result["cost"] = benchmark(student, run, loader, num_classes, tuple(data_config["input_size"]),
+                                   metrics["top1"], options, path if exported else None)
     if options.json:
         Path(options.json).parent.mkdir(parents=True, exist_ok=True)
         Path(options.json).write_text(json.dumps(result, indent=2))
