@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One pass on a machine with a CUDA GPU, in under ~9 minutes: install, the CUDA tests, the step-time benchmark.
+# One pass on a machine with a CUDA GPU, in under ~11 minutes: install, the CUDA tests, the step-time benchmark.
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU machine, from anywhere in the repository
 #   bash benchmarks/gpu_check.sh --fetch-wheels  # beforehand, on a machine that reaches PyPI (see below)
@@ -13,7 +13,7 @@
 # 2. `pytest -m cuda tests/test_cuda.py`: fp16 + GradScaler and bf16 training through `accelerate launch`, and a
 #    killed fp16 run that resumes exactly.
 # 3. benchmarks/step_time.py on ConvNeXt-T -> DeiT-T and Swin-T -> ResNet-18 at 224, batch 128: fp16 eager, then
-#    bf16 channels-last.
+#    bf16 channels-last, then bf16 eager vs torch.compile (--compile both).
 # Results: benchmarks/results/gpu_<name>.md (and the logs), copied into $OUT when it is set. Every phase has its
 # own time limit, so a phase that hangs costs its limit, not the run; the exit status is non-zero if one failed.
 set -uo pipefail
@@ -95,12 +95,16 @@ bench() {  # NAME, then step_time.py flags
 }
 bench fp16 --precision fp16
 bench bf16_channels_last --precision bf16 --channels-last
+# Eager and torch.compile (inductor) rows of one run (the later --distillers wins); the warm-up steps compile,
+# so it gets a longer limit.
+BENCH_LIMIT_S=$((BENCH_LIMIT_S + 90)) bench bf16_compile --precision bf16 --compile both --distillers vanilla kd pat \
+    --warmup-steps 3
 
 {
     echo "## $GPU"
     echo
     echo "From benchmarks/gpu_check.sh, $(date -u +%Y-%m-%d). CUDA tests: $TESTS_SUMMARY."
-    for name in fp16 bf16_channels_last; do
+    for name in fp16 bf16_channels_last bf16_compile; do
         echo
         cat "$LOGS/step_time_$name.md" 2>/dev/null || echo "step time $name: no result (see logs/step_time_$name.txt)"
     done
@@ -108,7 +112,7 @@ bench bf16_channels_last --precision bf16 --channels-last
 
 if [ -n "${OUT:-}" ]; then
     cp "$REPORT" "$LOGS/cuda_tests.txt" "$OUT/" 2>/dev/null
-    for name in fp16 bf16_channels_last; do cp "$LOGS/step_time_$name.txt" "$OUT/" 2>/dev/null; done
+    for name in fp16 bf16_channels_last bf16_compile; do cp "$LOGS/step_time_$name.txt" "$OUT/" 2>/dev/null; done
 fi
 cat "$REPORT"
 if [ ${#FAILED[@]} -gt 0 ]; then log "FAILED: ${FAILED[*]}"; exit 1; fi

@@ -195,9 +195,19 @@ def create_pair_models(pair: Pair, num_classes: int) -> tuple[nn.Module, nn.Modu
 
 
 def make_accelerator(settings: Settings) -> Accelerator:
-    dynamo = TorchDynamoPlugin(backend="inductor") if settings.compile else None
-    return Accelerator(mixed_precision=PRECISIONS[settings.precision], cpu=not settings.on_cuda,
-                       dynamo_plugin=dynamo)
+    return Accelerator(mixed_precision=PRECISIONS[settings.precision], cpu=not settings.on_cuda)
+
+
+def compiled(module: nn.Module, settings: Settings) -> nn.Module:
+    """`module` as accelerate's prepare compiles it under --torch_compile (inductor, the Trainer's default),
+    done here rather than through the Accelerator's dynamo plugin, which the process's accelerate state fixes
+    once: with --compile both, eager and compiled rows share one Accelerator."""
+    if not settings.compile:
+        return module
+    # A fresh cache per row: every distiller's forward is the same code object, which dynamo recompiles for
+    # each new instance only up to its recompile limit before it silently runs eager.
+    torch._dynamo.reset()
+    return torch.compile(module, **TorchDynamoPlugin(backend="inductor").to_kwargs())
 
 
 # ---- timing ----
@@ -266,6 +276,7 @@ def measure_distiller(name: str, pair: Pair, settings: Settings, accelerator: Ac
         measurement.extra_params = sum(p.numel() for p in distiller.extra_parameters())
         optimizer = create_training_optimizer(distiller, settings)
         model, optimizer = accelerator.prepare(distiller, optimizer)
+        model = compiled(model, settings)
         model.train()
         batch = random_batch(settings, pair.img_size, accelerator.device, len(train_labels),
                              "index" in type(distiller).batch_keys)
@@ -289,7 +300,7 @@ def measure_teacher(pair: Pair, settings: Settings, accelerator: Accelerator) ->
     teacher.to(accelerator.device)
     if settings.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    run = torch.compile(teacher) if settings.compile else teacher
+    run = compiled(teacher, settings)
     images = random_batch(settings, pair.img_size, accelerator.device, 1, False)["pixel_values"]
 
     def forward() -> None:
@@ -435,6 +446,33 @@ def benchmark_pair(pair: Pair, distillers: list[str], settings: Settings, accele
     return pair_table(pair.label, settings.batch_size, floors, [rows[name] for name in distillers])
 
 
+def compare_compiled(pair: Pair, distillers: list[str], settings: Settings, accelerator: Accelerator) -> str:
+    """The pair's table eager, its table compiled, then each row's two step times side by side."""
+    with_compile = dataclasses.replace(settings, compile=True)
+    eager_rows, compiled_rows = {}, {}
+    tables = []
+    for mode, mode_settings, rows in (("eager", settings, eager_rows), ("compiled", with_compile, compiled_rows)):
+        measured: dict[str, Measurement] = {}
+        for _ in range(settings.rounds):
+            for measurement in measure_round(pair, distillers, mode_settings, accelerator, profile=False):
+                if measurement.name in measured:
+                    measured[measurement.name].merge(measurement)
+                else:
+                    measured[measurement.name] = measurement
+        rows.update(measured)
+        floors = [measured[name] for name in (STUDENT_STEP, TEACHER_FORWARD, TEACHER_BACKWARD)]
+        table = pair_table(f"{pair.label}, {mode}", settings.batch_size, floors, [measured[n] for n in distillers])
+        tables.append(table)
+    lines = [f"#### {pair.label}: eager vs torch.compile", "", "| row | eager | compiled | speed-up |",
+             "|---|---|---|---|"]
+    for name in [*distillers[:1], *(n for n in (TEACHER_FORWARD, TEACHER_BACKWARD)), *distillers[1:]]:
+        e, c = eager_rows[name], compiled_rows[name]
+        speedup = "–" if e.seconds is None or c.seconds is None else f"{e.seconds / c.seconds:.2f}×"
+        lines.append(f"| {name} | {e.error or format_ms(e.seconds)} | {c.error or format_ms(c.seconds)} | {speedup} |")
+        print(f"{pair.label}: {name} eager {format_ms(e.seconds)} compiled {format_ms(c.seconds)}", file=sys.stderr)
+    return "\n\n".join(["\n".join(lines), *tables])
+
+
 def report_header(settings: Settings, pair_sizes: set[int]) -> str:
     sizes = "/".join(f"{s}×{s}" for s in sorted(pair_sizes))
     return (f"### Step time on {describe_machine(settings.device)}\n\n"
@@ -465,7 +503,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="fp16 runs accelerate's GradScaler and needs CUDA")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile (inductor) through accelerate")
+    parser.add_argument("--compile", nargs="?", const="only", choices=("only", "both"), default=None, help=(
+        "torch.compile (inductor) as --torch_compile does; `--compile both`: every pair eager, then compiled, "
+        "and a table of the two step times"))
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: 5 on a GPU, 1 on the CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 15 on a GPU, 3 on the CPU)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -489,7 +529,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     on_cuda = args.device.startswith("cuda")
     return Settings(device=args.device, batch_size=args.batch_size or (128 if on_cuda else 8),
-                    precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+                    precision=args.precision, channels_last=args.channels_last, compile=args.compile == "only",
                     warmup_steps=args.warmup_steps if args.warmup_steps is not None else (5 if on_cuda else 1),
                     timed_steps=args.steps or (15 if on_cuda else 3), num_classes=args.num_classes, opt=args.opt,
                     lr=1e-3, weight_decay=0.05, hparams=json.loads(args.distiller_args), rounds=args.rounds,
@@ -517,7 +557,10 @@ def main(argv: list[str] | None = None) -> str:
     header = report_header(settings, {pair.img_size for pair in pairs})
     tables = []
     for pair in pairs:
-        tables.append(benchmark_pair(pair, args.distillers, settings, accelerator))
+        if args.compile == "both":
+            tables.append(compare_compiled(pair, args.distillers, settings, accelerator))
+        else:
+            tables.append(benchmark_pair(pair, args.distillers, settings, accelerator))
         report = "\n\n".join([header, *tables]) + "\n"
         if args.output:
             # After every pair, so that a run stopped by a time limit still leaves the pairs it measured.

@@ -33,7 +33,9 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, squared: boo
     """Smooth-L1 between the distance matrices, each divided by the mean of its positive entries."""
     def normalised(x: torch.Tensor) -> torch.Tensor:
         d = pairwise_distances(x, squared, eps)
-        return d / d[d > 0].mean()
+        # The mean of the positive entries as sum / count (d >= 0): masking them out would give a tensor of
+        # data-dependent size, which breaks a torch.compile graph.
+        return d / (d.sum() / (d > 0).sum())
 
     return F.smooth_l1_loss(normalised(student), normalised(teacher))
 

@@ -46,7 +46,10 @@ def _nearest_repeats(in_size: tuple[int, int], out_size: tuple[int, int], dtype:
     host (by resizing the pixel indices as F.interpolate does) and cached per device: no step copies it over."""
     index = torch.arange(in_size[0] * in_size[1], dtype=torch.float64).view(1, 1, *in_size)
     sources = F.interpolate(index, size=out_size, mode="nearest").long().flatten()
-    return torch.bincount(sources, minlength=index.numel()).view(in_size).to(device, dtype)
+    # A scatter, not bincount: torch.compile cannot size bincount's output without reading its input.
+    counts = torch.zeros(index.numel(), dtype=torch.float64).scatter_add_(0, sources, torch.ones(sources.shape,
+                                                                                                 dtype=torch.float64))
+    return counts.view(in_size).to(device, dtype)
 
 
 def _batch_norm_of_resized(bn: nn.BatchNorm2d, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:

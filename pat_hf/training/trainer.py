@@ -86,7 +86,8 @@ class DistillationTrainer(Trainer):
 
     @property
     def distiller(self) -> Distiller:
-        return self.accelerator.unwrap_model(self.model)
+        # Without torch.compile's wrapper too (--torch_compile): its state dict would prefix every key.
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     # ---- optimizer, schedule, sampler, loader ----
 

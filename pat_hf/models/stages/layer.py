@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from pat_hf.models.dry_run import dry_run
 from pat_hf.models.stages.plan import NUM_STAGES, PROBE_BATCH, PromptFn, StageOutput, TensorView
@@ -59,18 +60,31 @@ class StageLayer:
         return stage_shapes, input_shapes, _pooled(captured["pooled"]).shape[-1]
 
     def __call__(self, x: torch.Tensor, prompts: Mapping[int, PromptFn] | None = None) -> StageOutput:
-        with self._capture(prompts) as captured:
+        captured, handles = self._add_hooks(prompts)
+        try:
             logits = self.model(x)
+        finally:
+            _remove_hooks(handles)
         return StageOutput(captured["stages"], _pooled(captured["pooled"]), logits)
 
     @contextlib.contextmanager
     def _capture(self, prompts: Mapping[int, PromptFn] | None = None) -> Iterator[dict]:
-        """Hooks live only for one forward, so copies of the model (EMA, DDP) never inherit them."""
+        captured, handles = self._add_hooks(prompts)
+        try:
+            yield captured
+        finally:
+            _remove_hooks(handles)
+
+    # Registering a hook creates a RemovableHandle, which torch.compile cannot trace: both ends run outside the
+    # graph (two graph breaks per call), and the forward between them is traced with the hooks in place.
+    @torch.compiler.disable
+    def _add_hooks(self, prompts: Mapping[int, PromptFn] | None) -> tuple[dict, list[RemovableHandle]]:
+        """Hooks that fill `captured` (and apply `prompts`) during one forward; they live only until
+        `_remove_hooks`, so copies of the model (EMA, DDP) never inherit them."""
         stages: list[torch.Tensor | None] = [None] * NUM_STAGES
         inputs: list[torch.Tensor | None] = [None] * NUM_STAGES
         captured: dict = {"stages": stages, "inputs": inputs, "pooled": []}
         prompts = prompts or {}
-        handles = []
 
         def on_stage_input(k: int, view: TensorView):
             def hook(_module, args):
@@ -90,6 +104,7 @@ class StageLayer:
             captured["pooled"].append(args[0])
 
         plan = self.plan
+        handles = []
         try:
             for k in range(NUM_STAGES):
                 handles.append(self.model.get_submodule(plan.starts[k]).register_forward_pre_hook(
@@ -98,7 +113,13 @@ class StageLayer:
                     on_stage_output(k, plan.outputs[k])))
             for classifier in _classifiers(self.model):
                 handles.append(classifier.register_forward_pre_hook(on_classifier_input))
-            yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
+        except BaseException:
+            _remove_hooks(handles)
+            raise
+        return captured, handles
+
+
+@torch.compiler.disable
+def _remove_hooks(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()

@@ -1,0 +1,119 @@
+"""`--torch_compile`: the distiller that accelerate compiles (the whole `Distiller`, hence the student, the
+teacher's forward and the method's modules) trains as it does eagerly, and compiles once.
+
+A tiny pair per distiller family trains four SGD steps eagerly and compiled from the same seed. In the suite the
+backend is aot_eager (dynamo and AOTAutograd exactly as inductor receives them, without code generation, which
+takes minutes per pair on a small CPU); the `benchmark`-marked tests run inductor itself. Compiled losses may
+differ from eager ones by COMPILED_RTOL, the reference fixtures' loss tolerance: inductor fuses and reorders
+float32 reductions, which moves the last bits of a loss, and four SGD steps carry such differences on.
+
+Dynamo's counters must not move after the second step: the first step compiles, the second may recompile once
+(PAT's feedback goes from none to the previous step's gap), and from then on every step reuses the graphs.
+The only graph breaks allowed are the stage layer's hook registration and removal, host-side by nature (a
+RemovableHandle cannot be traced); the forward between them is one graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+from torch._dynamo.utils import counters
+
+from pat_hf.distillers import DistillArguments, DistillContext, get_distiller_class
+from tests.tiny_models import INPUT_SIZE, NUM_CLASSES, tiny_batch, tiny_model
+
+COMPILED_RTOL = 1e-4
+STEPS = 4
+BATCH_SIZE = 4
+TRAIN_LABELS = torch.arange(3 * BATCH_SIZE) % NUM_CLASSES
+ALLOWED_GRAPH_BREAKS = ("StageLayer._add_hooks", "_remove_hooks")
+
+# (distiller, hyper-parameters, teacher family, student family): a logit, a feature, a relation and a
+# contrastive distiller, OFA and both PAT modes, across CNN and token models.
+CASES = {
+    "kd": ("kd", {}, "resnet", "vit"),
+    "fitnet": ("fitnet", {}, "convnext", "resnet"),
+    "rkd": ("rkd", {}, "vit", "resnet"),
+    "crd": ("crd", {}, "resnet", "mixer"),
+    "ofa": ("ofa", {}, "resnet", "vit"),
+    "pat-reference": ("pat", {"pat_mode": "reference", "pat_raa_dim": 32}, "resnet", "vit"),
+    "pat-corrected": ("pat", {"pat_mode": "corrected", "pat_raa_dim": 32}, "convnext", "swin"),
+}
+
+
+def build(config: str):
+    name, overrides, teacher, student = CASES[config]
+    cls = get_distiller_class(name)
+    hparams = cls.Arguments(**overrides) if cls.Arguments else None
+    context = DistillContext(input_size=INPUT_SIZE, num_classes=NUM_CLASSES, train_labels=TRAIN_LABELS)
+    return cls(tiny_model(student, seed=1), tiny_model(teacher, seed=2), DistillArguments(distiller=name), hparams,
+               context)
+
+
+def train(config: str, backend: str | None) -> tuple[list[dict[str, float]], list[dict[str, int]]]:
+    """Per step: the loss components, and (compiled with `backend`) a snapshot of dynamo's counters after it."""
+    distiller = build(config).train()
+    model = torch.compile(distiller, backend=backend) if backend else distiller
+    optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.05)
+    torch.manual_seed(0)  # CRD draws its negatives in the forward
+    losses, snapshots = [], []
+    for step in range(STEPS):
+        images, labels = tiny_batch(BATCH_SIZE, seed=step)
+        batch = {"pixel_values": images, "labels": labels}
+        if "index" in type(distiller).batch_keys:
+            batch["index"] = (torch.arange(BATCH_SIZE) + step * BATCH_SIZE) % len(TRAIN_LABELS)
+        outputs = model(**batch)
+        outputs["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append({k: float(v.detach()) for k, v in outputs.items() if k.startswith("loss")})
+        snapshots.append({f"{group}.{key}": value for group in ("stats", "frames", "graph_break", "recompiles")
+                          for key, value in counters[group].items()})
+    return losses, snapshots
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Nothing compiled before; inductor draws random numbers as eager does (CRD's negatives)."""
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()
+
+
+def check_compiled_training(config: str, backend: str) -> None:
+    eager, _ = train(config, None)
+    compiled, snapshots = train(config, backend)
+    for step, (e, c) in enumerate(zip(eager, compiled)):
+        assert e.keys() == c.keys()
+        for name in e:
+            assert c[name] == pytest.approx(e[name], rel=COMPILED_RTOL, abs=1e-6), (step, name)
+    assert snapshots[1] == snapshots[-1], f"dynamo compiled again after step 2: {snapshots[1]} -> {snapshots[-1]}"
+    breaks = [reason for reason in counters["graph_break"]]
+    assert all(any(allowed in reason for allowed in ALLOWED_GRAPH_BREAKS) for reason in breaks), breaks
+
+
+# One per family (logit, feature, OFA, PAT) in the suite; the others take minutes between them on a small CPU.
+SUITE_CASES = ("kd", "fitnet", "ofa", "pat-corrected")
+
+
+@pytest.mark.parametrize("config", SUITE_CASES)
+def test_traced_training_equals_eager_and_compiles_once(config: str, fresh_dynamo):
+    """dynamo and AOTAutograd as inductor gets them (the graphs, their breaks and guards), run without code
+    generation, which takes minutes per pair on a small CPU."""
+    check_compiled_training(config, "aot_eager")
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("config", [c for c in CASES if c not in SUITE_CASES])
+def test_traced_training_of_the_other_distillers(config: str, fresh_dynamo):
+    check_compiled_training(config, "aot_eager")
+
+
+@pytest.mark.benchmark
+@pytest.mark.parametrize("config", ["kd", "ofa", "pat-reference"])
+def test_inductor_training_equals_eager_and_compiles_once(config: str, fresh_dynamo):
+    check_compiled_training(config, "inductor")
