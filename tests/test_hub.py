@@ -73,7 +73,7 @@ def test_push_honours_revision_pull_request_and_names_the_run_in_the_commit(push
     upload = next(call for call in pushed_run.calls if call[0] == "upload_folder")
     _, _, folder, message, revision, create_pr, files = upload
     assert folder == str(pushed_run.student) and (revision, create_pr) == ("experiments", True)
-    assert files == ["README.md", "config.json", "model.safetensors", "training_curves.png"]
+    assert files == ["README.md", "config.json", "cost.json", "model.safetensors", "training_curves.png"]
     top1 = round(pushed_run.metrics["eval_top1"], 2)
     assert message == f"Add test_vit distilled from test_resnet with kd (top-1 {top1:.2f} on digits)"
     assert "pushed the student to https://huggingface.co/someone/digits-vit/discussions/1" in pushed_run.stdout
