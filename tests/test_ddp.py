@@ -181,3 +181,15 @@ def test_a_hanging_process_ends_the_run_after_the_ddp_timeout(tmp_path):
     assert any(line.startswith("pat-hf-train: process 0: no answer from the other processes within --ddp_timeout")
                for line in error_lines(result.stderr)), result.stderr[-3000:]
     assert elapsed < 180
+
+
+@pytest.mark.parametrize("bad", [["--batch-size", "0"], ["--no-such-flag"]])
+def test_a_bad_flag_under_a_two_process_launch_is_one_line(tmp_path, bad):
+    """Every process reads the same command line: the first says what is wrong, once; the launcher turns the
+    processes' status 2 into its own failure status (README.md, Failure handling)."""
+    result = run_two_processes([*tiny_run(tmp_path / "run", None, "--distiller", "vanilla"), *bad], timeout=240)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pat-hf-train")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "--batch-size" in lines[0] or "--no-such-flag" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from typing import Any, NoReturn
 
 
@@ -95,10 +96,11 @@ def json_object(value: Any, flag: str) -> dict:
 
 class OneLineErrors:
     """For an argparse parser class: its errors as one line on stderr (no usage block), exit status 2 as
-    argparse's."""
+    argparse's. Every process of a distributed launch reads the same command line: the first one says it."""
 
     def error(self: argparse.ArgumentParser, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+        first_process = int(os.environ.get("RANK", "0")) == 0
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n" if first_process else None)
 
 
 class OneLineArgumentParser(OneLineErrors, argparse.ArgumentParser):
