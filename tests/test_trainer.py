@@ -34,7 +34,7 @@ def test_run_writes_state_metrics_and_student(kd_run):
     assert 0.0 <= metrics["eval_top1"] <= metrics["eval_top5"] <= 100.0
     state = json.loads((output / "trainer_state.json").read_text())
     assert state["global_step"] == 4  # 64 examples / batch 16, one epoch
-    assert sorted(p.name for p in (output / "student").iterdir()) == ["README.md", "config.json",
+    assert sorted(p.name for p in (output / "student").iterdir()) == ["README.md", "config.json", "cost.json",
                                                                        "model.safetensors", "training_curves.png"]
 
 
