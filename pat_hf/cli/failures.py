@@ -75,12 +75,19 @@ def distributed_error_line(error: BaseException, rank: int) -> str:
     return f"process {rank}: {error_line(error)}"
 
 
-def leave(status: int, message: str | None = None) -> None:
+def leave(status: int, message: str | None = None, as_program: bool = False) -> None:
     """End the command with `status` (0: return to the caller), printing `message` on stderr. Under
     torch.distributed the interpreter's teardown is skipped: with the process group alive it can hang or abort
     after all work is done, and the other processes see this one leave."""
     if message:
         print(message, file=sys.stderr)
+    if status == EXIT_INTERRUPTED and as_program:
+        # An interrupt can land inside an import or a C call, after which the interpreter's own shutdown may
+        # still end the process by SIGINT; the finally blocks have run, so the program leaves with its status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
     dist = _torch_distributed()
     if dist is not None:
         if status == 0:
@@ -104,11 +111,13 @@ def run_command(prog: str, target: str | Callable[[list[str]], Any], argv: list[
                 interrupted_hint: str = "") -> None:
     """Run a command's `main(argv)` under the contract above. `target` is the function or "module:function",
     imported here so that Ctrl-C during the imports is met too."""
+    as_program = argv is None  # the process's own command line, not a call from other Python code
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _main_of(target)(argv)
     except KeyboardInterrupt:
-        leave(EXIT_INTERRUPTED, f"{prog}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}")
+        leave(EXIT_INTERRUPTED, f"{prog}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}",
+              as_program=as_program)
     except SystemExit as exit_request:
         # argparse (its own one line, or --help) and commands that end themselves keep their status.
         code = exit_request.code
