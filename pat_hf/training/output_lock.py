@@ -22,6 +22,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,11 +34,19 @@ from pat_hf.training.run_dir import check_writable
 
 logger = logging.getLogger(__name__)
 
+TAKEOVER_TIMEOUT_SECONDS = 10
 LOCK_FILE = ".pat_hf.lock"
 
 
 class OutputDirLockedError(OSError):
     """--output_dir is held by another run."""
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -128,21 +137,26 @@ class OutputDirLock:
             raise OutputDirLockedError(
                 f"--output_dir {output_dir} is in use by another run: {_describe(holder)}; wait for it to end or "
                 f"choose another --output_dir (if that process is not a pat-hf run, delete {self.path})")
-        # Move the stale lock aside under a name of our own, then check that what moved is the stale lock: a start
-        # racing with this one may have taken over (and written its live lock) in between.
-        aside = self.path.with_name(f"{LOCK_FILE}.stale-{self.token}")
+        # One start at a time removes a stale lock (a mutex file beside it), and only if the lock still holds what
+        # was judged stale: starts racing past that point then meet O_EXCL, which lets exactly one create it.
+        mutex = self.path.with_name(f"{LOCK_FILE}.takeover")
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
+            descriptor = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if time.time() - _mtime(mutex) > TAKEOVER_TIMEOUT_SECONDS:
+                with contextlib.suppress(FileNotFoundError):
+                    mutex.unlink()  # left by a start that died while taking over
+            time.sleep(0.05)
             return
-        if aside.read_text() == text:
-            aside.unlink()
-            logger.warning("--output_dir %s: taking over the lock of a run that is gone (%s)", output_dir,
-                           _describe(holder))
-            return
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, self.path)  # put the racing start's lock back
-        aside.unlink()
+        os.close(descriptor)
+        try:
+            current, _ = _read(self.path)
+            if current == text:
+                self.path.unlink()
+                logger.warning("--output_dir %s: taking over the lock of a run that is gone (%s)", output_dir,
+                               _describe(holder))
+        finally:
+            mutex.unlink()
 
     def release(self) -> None:
         atexit.unregister(self.release)
