@@ -262,9 +262,8 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(ERROR_PREFIX)]
 
 
-@pytest.mark.parametrize("name", list(ROWS))
-def test_bad_input_is_one_line_and_changes_nothing(name, tmp_path, capsys):
-    row = ROWS[name]
+def assert_refused_in_one_line(row: Row, tmp_path: Path, capsys) -> None:
+    """The row's start is refused with its status and one line holding its message, and changes nothing."""
     argv = row.setup(tmp_path)
     capsys.readouterr()
     before = snapshot(tmp_path)
@@ -274,6 +273,11 @@ def test_bad_input_is_one_line_and_changes_nothing(name, tmp_path, capsys):
     assert row.message in line, line
     assert "Traceback" not in stderr
     assert snapshot(tmp_path) == before, "a refused start changed what was on disk"
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_bad_input_is_one_line_and_changes_nothing(name, tmp_path, capsys):
+    assert_refused_in_one_line(ROWS[name], tmp_path, capsys)
     assert not (tmp_path / "pwned").exists(), "the pickled payload ran"
 
 

@@ -34,6 +34,7 @@ from tests.helpers import save_teacher
 from tests.test_failures import (
     REPO,
     Row,
+    assert_refused_in_one_line,
     error_lines,
     run_cli,
     snapshot,
@@ -166,16 +167,7 @@ ROWS: dict[str, Row] = {
 @pytest.mark.parametrize("name", list(ROWS))
 def test_bad_input_is_one_line_and_changes_nothing(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    row = ROWS[name]
-    argv = row.setup(tmp_path)
-    capsys.readouterr()
-    before = snapshot(tmp_path)
-    status, stderr = run_cli(argv, capsys)
-    assert status == row.status, stderr
-    (line,) = error_lines(stderr)
-    assert row.message in line, line
-    assert "Traceback" not in stderr
-    assert snapshot(tmp_path) == before, "a refused start changed what was on disk"
+    assert_refused_in_one_line(ROWS[name], tmp_path, capsys)
 
 
 def test_argument_errors_are_the_only_line_on_stderr(tmp_path, capsys):
