@@ -22,6 +22,26 @@ def test_matches_the_reference(fixture, distiller):
     assert all(c.ok for c in comparisons), format_table(fixture.stem, distiller, comparisons)
 
 
+# --torch_compile compiles the whole distiller: its forwards, traced by dynamo and AOTAutograd (aot_eager, without
+# inductor's code generation, which takes minutes per pair on a small CPU), must meet the same fixtures. PAT on a
+# CNN -> ViT pair in the suite (prompts, feedback from step 1 in step 2, the stage hooks); every case with
+# -m benchmark, and benchmarks/compiled_parity.py writes the table.
+SUITE_COMPILED_CASE = ("convnext_to_deit", "pat")
+
+
+@needs_golden
+@pytest.mark.parametrize("fixture,distiller", [
+    pytest.param(path, name, id=f"{path.stem}-{name}",
+                 marks=() if (path.stem, name) == SUITE_COMPILED_CASE else pytest.mark.benchmark)
+    for path, name in CASES])
+def test_compiled_distiller_matches_the_reference(fixture, distiller):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    comparisons = run_check(fixture, distiller, compile_backend="aot_eager")
+    assert all(c.ok for c in comparisons), format_table(fixture.stem, distiller, comparisons)
+
+
 @needs_golden
 def test_every_fixture_records_the_core_distillers():
     for path in FIXTURES:

@@ -117,3 +117,37 @@ def test_traced_training_of_the_other_distillers(config: str, fresh_dynamo):
 @pytest.mark.parametrize("config", ["kd", "ofa", "pat-reference"])
 def test_inductor_training_equals_eager_and_compiles_once(config: str, fresh_dynamo):
     check_compiled_training(config, "inductor")
+
+
+def test_few_labels_compile_settles_after_the_labelled_count_varies(fresh_dynamo):
+    """--label-fraction: the gt term averages over the labelled rows of each batch, a count that changes from
+    step to step. Its selection runs between graphs (a data-dependent shape); dynamo compiles it for a second
+    count once, marks the size dynamic, and after that a batch with any other count compiles nothing. A batch with
+    no label (its own branch) or one label (a size dynamo specialises) compiles once each. Losses equal eager ones
+    throughout."""
+    batch_size = 8
+    counts = [2, 5, 3, 6, 7, 4, 8]
+    settled_after = 2  # the steps of the first two counts compile
+    edge_counts = [0, 1]
+
+    def run(backend: str | None) -> tuple[list[float], list[dict[str, int]]]:
+        distiller = build("kd").train()
+        model = torch.compile(distiller, backend=backend) if backend else distiller
+        losses, snapshots = [], []
+        for step, count in enumerate(counts + edge_counts + counts + edge_counts):
+            images, labels = tiny_batch(batch_size, seed=step)
+            labelled = torch.arange(batch_size) < count
+            outputs = model(pixel_values=images, labels=labels, labelled=labelled[torch.randperm(batch_size)])
+            outputs["loss"].backward()
+            losses.append(float(outputs["loss"].detach()))
+            snapshots.append(dict(counters["stats"]))
+        return losses, snapshots
+
+    torch.manual_seed(0)
+    eager, _ = run(None)
+    torch.manual_seed(0)
+    compiled, snapshots = run("aot_eager")
+    assert compiled == pytest.approx(eager, rel=COMPILED_RTOL, abs=1e-6)
+    first_pass = len(counts) + len(edge_counts)
+    assert snapshots[settled_after - 1] == snapshots[len(counts) - 1], "a new labelled count compiled again"
+    assert snapshots[first_pass - 1] == snapshots[-1], "a count seen before compiled again"

@@ -1,6 +1,6 @@
 """Check a distiller against a fixture computed by the reference implementation.
 
-    python -m pat_hf.reference.check PATH/NAME.safetensors [--distiller NAME]
+    python -m pat_hf.reference.check PATH/NAME.safetensors [--distiller NAME] [--compile BACKEND]
 
 Reads NAME.json beside the weights (models, kwargs, hyper-parameters in the reference's names, and what the
 reference computed), builds the pair, loads the converted reference state, runs two training-mode forwards
@@ -98,15 +98,18 @@ def _grad_norm(parameters) -> float:
     return float(torch.sqrt(sum((g**2).sum() for g in grads))) if grads else 0.0
 
 
-def run_check(fixture_path: Path, distiller_name: str) -> list[Comparison]:
+def run_check(fixture_path: Path, distiller_name: str, compile_backend: str | None = None) -> list[Comparison]:
+    """Ours against the reference on one fixture; with `compile_backend`, the forwards run through
+    `torch.compile(distiller, backend=compile_backend)`, as --torch_compile runs them, and the same tolerances hold."""
     fixture = json.loads(fixture_path.with_suffix(".json").read_text())
     state = load_file(str(fixture_path))
     recorded = fixture["distillers"][distiller_name]
     distiller = build_distiller(fixture, state, distiller_name)
     distiller.train()
+    forward = torch.compile(distiller, backend=compile_backend) if compile_backend else distiller
     comparisons = []
     for step in (1, 2):
-        out = distiller(state[f"input.x{step}"].float(), state[f"input.y{step}"], **_replayed_batch(state, step))
+        out = forward(state[f"input.x{step}"].float(), state[f"input.y{step}"], **_replayed_batch(state, step))
         for key, value in recorded[f"step{step}"].items():
             comparisons.append(Comparison(f"step{step}.{key}", float(out[key].detach()), value, LOSS_TOLERANCE))
     logits = out["logits"].detach()
@@ -154,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog=CHECK_PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("fixture", type=Path, help="NAME.safetensors (NAME.json must lie beside it)")
     parser.add_argument("--distiller", help="check this distiller only (default: every one the fixture records)")
+    parser.add_argument("--compile", metavar="BACKEND", help=(
+        "run the forwards through torch.compile with this backend (inductor, as --torch_compile does; aot_eager "
+        "traces the same graphs without generating code) and hold them to the same tolerances"))
     args = parser.parse_args(argv)
     if not args.fixture.is_file() or not args.fixture.with_suffix(".json").is_file():
         parser.error(f"{args.fixture} and {args.fixture.with_suffix('.json')} must both exist")
@@ -161,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [args.distiller] if args.distiller else recorded_distillers(args.fixture)
     failed = False
     for name in names:
-        comparisons = run_check(args.fixture, name)
-        print(format_table(args.fixture.stem, name, comparisons))
+        comparisons = run_check(args.fixture, name, args.compile)
+        label = f"{args.fixture.stem} (torch.compile, {args.compile})" if args.compile else args.fixture.stem
+        print(format_table(label, name, comparisons))
         failed |= not all(c.ok for c in comparisons)
     print("MISMATCH" if failed else "OK: every quantity within tolerance")
     return 1 if failed else 0
