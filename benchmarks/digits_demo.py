@@ -39,7 +39,7 @@ STUDENT_ROWS = {
     "pat": ("student + PAT (reference mode)", [*PAT, "--pat-mode", "reference"]),
     "pat-corrected": ("student + PAT (corrected mode)", [*PAT, "--pat-mode", "corrected"]),
     "ofa": ("student + OFA", ["--distiller", "ofa"]),
-    "kd": ("student + KD", ["--distiller", "kd", "--kd-temperature", "4"]),
+    "kd": ("student + KD", ["--distiller", "kd"]),
     "alone": ("student alone", ["--distiller", "vanilla", "--teacher", ""]),
 }
 DEFAULT_ROWS = ("alone", "kd", "ofa", "pat")

@@ -86,15 +86,14 @@ def test_a_resumed_study_reports_its_finished_runs_without_training(tmp_path, mo
         main(["--rows", "alone", "--seeds", "1,2", "--epochs", "4", "--output", str(tmp_path)], lines.append)
 
 
-def test_few_labels_without_the_training_flag_is_one_line(tmp_path, monkeypatch):
-    class Help:
-        stdout = "usage: pat-hf-train [--max_train_samples MAX_TRAIN_SAMPLES]"
-
-    monkeypatch.setattr(distillation_study.subprocess, "run", lambda *args, **kwargs: Help())
-    lines = []
-    assert main(["--rows", "alone,kd", "--setting", "few-labels", "--output", str(tmp_path)], lines.append) == 1
-    assert lines == ["--setting few-labels needs the training flag --label-fraction, which `python -m pat_hf.train` "
-                     "does not have yet"]
+def test_few_labels_leaves_out_crd_and_refuses_it_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["--rows", "alone,crd", "--setting", "few-labels", "--output", str(tmp_path)], print)
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "--setting few-labels: crd cannot train on unlabelled examples (its memory bank needs every example's "
+        "class); leave it out of --rows")
+    assert not (tmp_path / "study.json").exists()
 
 
 def test_failed_runs_are_one_line_each_and_the_study_goes_on(tmp_path):
