@@ -22,6 +22,17 @@ def test_reference_flag_names_map_onto_training_arguments(tmp_path):
     assert args.distill.kd_temperature == 4.0
 
 
+def test_data_subsets_are_drawn_with_data_seed_else_seed(tmp_path):
+    """One rule for training, evaluation and export: a run's subsets are drawn again with the seed it used."""
+    from pat_hf.config.arguments import DistillTrainingArguments
+
+    assert parse_arguments(["--output", str(tmp_path), "--seed", "7"]).training.subset_seed == 7
+    assert parse_arguments(["--output", str(tmp_path), "--seed", "7", "--data_seed", "3"]).training.subset_seed == 3
+    assert DistillTrainingArguments.subset_seed_of({"seed": 7, "data_seed": None}) == 7
+    assert DistillTrainingArguments.subset_seed_of({"seed": 7, "data_seed": 3}) == 3
+    assert DistillTrainingArguments.subset_seed_of({}) == DistillTrainingArguments.seed
+
+
 def test_hf_names_work_too(tmp_path):
     args = parse_arguments(["--output_dir", str(tmp_path), "--per_device_train_batch_size", "4",
                             "--learning_rate", "0.2", "--logging_steps", "7", "--report_to", "none"])

@@ -364,8 +364,27 @@ def test_the_lock_is_released_after_a_failure_and_after_ctrl_c(tmp_path, capsys)
         failures.run_command("pat-hf-train", lambda argv: pat_train.main(argv, callbacks=[Interrupt()]),
                              student_run(output, "--save_strategy", "no", "--eval_strategy", "no"))
     assert exit_info.value.code == 130
-    assert "pat-hf-train: interrupted" in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"pat-hf-train: interrupted; no checkpoint in {output} is complete yet; run the command again with "
+        f"--overwrite_output_dir to start over")
     assert output.is_dir() and not (output / LOCK_FILE).exists()
+
+
+class InterruptAtStepTwo(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_after_a_checkpoint_names_it_for_resume(tmp_path, capsys):
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        failures.run_command("pat-hf-train", lambda argv: pat_train.main(argv, callbacks=[InterruptAtStepTwo()]),
+                             student_run(output, "--save_strategy", "steps", "--save_steps", "1",
+                                         "--eval_strategy", "no"))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"pat-hf-train: interrupted; continue with --resume (from {output / 'checkpoint-1'})")
 
 
 def _race(output: str, barrier, results) -> None:

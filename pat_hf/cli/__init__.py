@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from pat_hf.cli.failures import run_command
 
-RESUME_HINT = "continue with --resume from the last complete checkpoint"
-
 
 def train_command(argv: list[str] | None = None) -> None:
-    run_command("pat-hf-train", "pat_hf.cli.train:main", argv, interrupted_hint=RESUME_HINT)
+    run_command("pat-hf-train", "pat_hf.cli.train:main", argv)
 
 
 def evaluate_command(argv: list[str] | None = None) -> None:

@@ -230,10 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_json_path(options.json)
 
     # The run's --max-eval-samples subset: drawn with its seed.
-    training = run.get("training", {})
-    seed = training.get("seed", DistillTrainingArguments.seed) if training.get("data_seed") is None \
-        else training["data_seed"]
-    train_set, eval_set, source = load_splits(data, seed=seed)
+    train_set, eval_set, source = load_splits(data, seed=DistillTrainingArguments.subset_seed_of(
+        run.get("training", {})))
     num_classes = options.num_classes or run.get("model", {}).get("num_classes") or num_classes_of(train_set)
     student, exported = load_student(path, options, run, num_classes)
     student.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -74,13 +74,6 @@ def _parser() -> _Parser:
     return parser
 
 
-def _seed(run: dict[str, Any]) -> int:
-    """The run's data seed: its --max-*-samples subsets are drawn with it."""
-    training = run.get("training", {})
-    return training["data_seed"] if training.get("data_seed") is not None \
-        else training.get("seed", DistillTrainingArguments.seed)
-
-
 def _batches(loader: DataLoader, limit: int | None) -> Iterator[Batch]:
     for batch in itertools.islice(loader, limit):
         yield batch["pixel_values"], batch["labels"]
@@ -89,7 +82,7 @@ def _batches(loader: DataLoader, limit: int | None) -> Iterator[Batch]:
 def run_export(folder: Path, data: DataArguments, options: ExportArguments, run: dict[str, Any]) -> OnnxExportResult:
     read_preprocessing(folder)  # before loading any data: is this an exported folder at all?
     student = load_student_folder(folder)
-    seed = _seed(run)
+    seed = DistillTrainingArguments.subset_seed_of(run.get("training", {}))
     train_set, eval_set, _ = load_splits(data, seed=seed)
     # The folder's own config (its pretrained_cfg) sets the input size, crop, mean/std and interpolation.
     _, transform = build_transforms(data, resolve_data_config_for(data, student, None, None))

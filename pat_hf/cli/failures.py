@@ -25,7 +25,27 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageError", "run_command"]
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageError", "advise_on_interrupt", "run_command"]
+
+# What the interrupt line adds once the running command knows what is on disk (pat-hf-train: its output folder).
+_interrupt_advice: Callable[[], str] | None = None
+
+
+def advise_on_interrupt(advice: Callable[[], str] | None) -> None:
+    """From now on, until the command ends, the one line of an interrupt ends with `advice()`, called at that
+    moment so that it can say what there is to continue from."""
+    global _interrupt_advice
+    _interrupt_advice = advice
+
+
+def _interrupt_line(prog: str) -> str:
+    advice = ""
+    if _interrupt_advice is not None:
+        try:
+            advice = _interrupt_advice()
+        except Exception:  # noqa: BLE001  (the interrupt's own line must still be printed)
+            advice = ""
+    return f"{prog}: interrupted{'; ' + advice if advice else ''}"
 
 
 def wants_traceback(argv: list[str]) -> bool:
@@ -107,17 +127,16 @@ def _main_of(target: str | Callable[[list[str]], Any]) -> Callable[[list[str]], 
     return getattr(importlib.import_module(module), function)
 
 
-def run_command(prog: str, target: str | Callable[[list[str]], Any], argv: list[str] | None = None, *,
-                interrupted_hint: str = "") -> None:
+def run_command(prog: str, target: str | Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     """Run a command's `main(argv)` under the contract above. `target` is the function or "module:function",
     imported here so that Ctrl-C during the imports is met too."""
     as_program = argv is None  # the process's own command line, not a call from other Python code
     argv = list(sys.argv[1:] if argv is None else argv)
+    advise_on_interrupt(None)
     try:
         _main_of(target)(argv)
     except KeyboardInterrupt:
-        leave(EXIT_INTERRUPTED, f"{prog}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}",
-              as_program=as_program)
+        leave(EXIT_INTERRUPTED, _interrupt_line(prog), as_program=as_program)
     except SystemExit as exit_request:
         # argparse (its own one line, or --help) and commands that end themselves keep their status.
         code = exit_request.code

@@ -34,6 +34,7 @@ from transformers import TrainerCallback, set_seed
 from pat_hf.cli import train_command
 from pat_hf.cli.evaluate import evaluate_student
 from pat_hf.cli.export import ExportArguments, run_export
+from pat_hf.cli.failures import advise_on_interrupt
 from pat_hf.cli.parser import read_command_line
 from pat_hf.config.arguments import RunArguments
 from pat_hf.data.examples import attach_transform, training_set
@@ -66,6 +67,7 @@ from pat_hf.export.student import export_trained_student, rewrite_card
 from pat_hf.metrics import TopkMetrics, top_k_indices
 from pat_hf.models.factory import create_student, create_teacher, exported_model_kwargs
 from pat_hf.training.callbacks import MixupOffCallback
+from pat_hf.training.checkpoints import latest_complete_checkpoint
 from pat_hf.training.ema import ModelEmaCallback
 from pat_hf.training.host_memory import keep_freed_host_memory
 from pat_hf.training.memory_format import MemoryFormat
@@ -137,7 +139,7 @@ def train_and_export(args: RunArguments, callbacks: list[TrainerCallback] | None
 
     distiller_cls = get_distiller_class(args.distill.distiller)
     check_data_support(distiller_cls, args.data)
-    data_seed = args.training.data_seed if args.training.data_seed is not None else args.training.seed
+    data_seed = args.training.subset_seed
     train_set, eval_set, source = load_splits(args.data, seed=data_seed)
     num_classes = resolve_num_classes(train_set, args.model.num_classes)
     check_labels(train_set, eval_set, num_classes, allow_unlabelled=args.data.allow_unlabelled)
@@ -185,6 +187,7 @@ def train_and_export(args: RunArguments, callbacks: list[TrainerCallback] | None
         train_data_collator=MixupCollator(mixup) if mixup else collate_training,
         run_identity=identity, aug_repeats=args.data.aug_repeats)
     start_output_dir(args)
+    advise_on_interrupt(lambda: resume_advice(args.training.output_dir))
 
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     labelled_examples = None if labelled is None else int(labelled.sum())
@@ -216,6 +219,15 @@ def train_and_export(args: RunArguments, callbacks: list[TrainerCallback] | None
                                revision=args.training.hub_revision, create_pr=args.training.hub_create_pr)
             print(f"pat-hf: pushed the student to {url}", flush=True)
     return metrics
+
+
+def resume_advice(output_dir: str) -> str:
+    """What to do after an interrupt: --resume from the newest complete checkpoint, or start over without one."""
+    checkpoint = latest_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return (f"no checkpoint in {output_dir} is complete yet; run the command again with "
+                f"--overwrite_output_dir to start over")
+    return f"continue with --resume (from {checkpoint})"
 
 
 def add_deployment_facts(student_dir: str, card: ModelCardInfo, student: torch.nn.Module,

@@ -344,6 +344,17 @@ class DistillTrainingArguments(TrainingArguments):
         check_range(self.ddp_timeout, "ddp_timeout", low=0, low_open=True, flag="--ddp_timeout")
         super().__post_init__()
 
+    @property
+    def subset_seed(self) -> int:
+        """The seed of the data subsets (--max-*-samples, --label-fraction): --data_seed, else --seed."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @classmethod
+    def subset_seed_of(cls, training: dict[str, Any]) -> int:
+        """`subset_seed` of a finished run, from the training arguments its run_config.json keeps."""
+        data_seed = training.get("data_seed")
+        return training.get("seed", cls.seed) if data_seed is None else data_seed
+
 
 # Settings that a resumed run may change: they do not change what the student learns.
 _DATA_NOT_IN_IDENTITY = {"validation_batch_size", "strict_images"}  # how faults are met, not what is trained
