@@ -96,7 +96,7 @@ class Pair:
 PAIRS = {
     "convnext-deit": Pair("convnext_tiny", "deit_tiny_patch16_224", student_kwargs={"img_size": 224}),
     "swin-resnet": Pair("swin_tiny_patch4_window7_224", "resnet18", teacher_kwargs={"img_size": 224}),
-    # The narrow variants of the parity fixtures (/work/shared/golden): same classes and depths, fewer channels.
+    # The narrow variants of the parity fixtures' pairs: same classes and depths, fewer channels.
     "convnext-deit-narrow": Pair("convnext_tiny", "deit_tiny_patch16_224", {"dims": (32, 64, 128, 256)},
                                  {"img_size": 224, "embed_dim": 48, "num_heads": 3}),
     "swin-resnet-narrow": Pair("swin_tiny_patch4_window7_224", "resnet18",

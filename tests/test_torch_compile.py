@@ -40,6 +40,9 @@ CASES = {
     "ofa": ("ofa", {}, "resnet", "vit"),
     "pat-reference": ("pat", {"pat_mode": "reference", "pat_raa_dim": 32}, "resnet", "vit"),
     "pat-corrected": ("pat", {"pat_mode": "corrected", "pat_raa_dim": 32}, "convnext", "swin"),
+    # A teacher with buffers (Swin's relative position index) that the unprompted, no-grad pass and the prompted
+    # pass with gradients both read.
+    "pat-swin-teacher": ("pat", {"pat_mode": "reference", "pat_raa_dim": 32}, "swin", "resnet"),
 }
 
 
@@ -97,7 +100,7 @@ def check_compiled_training(config: str, backend: str) -> None:
 
 
 # One per family (logit, feature, OFA, PAT) in the suite; the others take minutes between them on a small CPU.
-SUITE_CASES = ("kd", "fitnet", "ofa", "pat-corrected")
+SUITE_CASES = ("kd", "fitnet", "ofa", "pat-corrected", "pat-swin-teacher")
 
 
 @pytest.mark.parametrize("config", SUITE_CASES)

@@ -194,7 +194,10 @@ class Distiller(nn.Module):
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The frozen teacher's logits, computed under inference_mode (no autograd bookkeeping at all); the clone
         is an ordinary tensor, which the losses may save for their backward."""
-        with torch.inference_mode():
+        # Compiled, no_grad: a graph has no bookkeeping to skip, and AOTAutograd fails ("Cannot set version_counter
+        # for inference tensor") when a teacher buffer read under inference_mode is read again with gradients in
+        # the same graph, as PAT's prompted pass reads Swin's relative position index.
+        with torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode():
             logits = self.teacher(images)
         return logits.clone()
 
