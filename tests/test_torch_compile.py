@@ -30,10 +30,15 @@ BATCH_SIZE = 4
 TRAIN_LABELS = torch.arange(3 * BATCH_SIZE) % NUM_CLASSES
 ALLOWED_GRAPH_BREAKS = ("StageLayer._add_hooks", "_remove_hooks")
 
-# (distiller, hyper-parameters, teacher family, student family): a logit, a feature, a relation and a
-# contrastive distiller, OFA and both PAT modes, across CNN and token models.
+# (distiller, hyper-parameters, teacher family, student family): every distiller, PAT in both modes and with a
+# Swin teacher, across CNN and token models.
 CASES = {
+    "vanilla": ("vanilla", {}, "resnet", "vit"),
     "kd": ("kd", {}, "resnet", "vit"),
+    "dkd": ("dkd", {}, "vit", "resnet"),
+    "dist": ("dist", {}, "convnext", "mixer"),
+    "bkd": ("bkd", {}, "resnet", "vit"),
+    "correlation": ("correlation", {}, "swin", "resnet"),
     "fitnet": ("fitnet", {}, "convnext", "resnet"),
     "rkd": ("rkd", {}, "vit", "resnet"),
     "crd": ("crd", {}, "resnet", "mixer"),
