@@ -98,3 +98,31 @@ def test_data_throughput_measures_each_worker_count(tmp_path):
     assert all(float(row.split("|")[3].replace(",", "")) > 0 for row in rows)
     assert re.search(r"- cnn: 2,500 images/s needs about \d+ workers", report)
     assert output.read_text() == report
+
+
+def test_digits_demo_table_shows_each_seed_and_says_what_it_cannot_show():
+    from benchmarks.digits_demo import Result, caveat, results_table
+
+    teacher = Result("teacher", 99.17, 100.0, 0.3)
+    alone = [Result("student alone", 79.0, 99.0, 0.9, seed=1), Result("student alone", 75.0, 98.0, 1.1, seed=2)]
+    assert results_table(teacher, [alone[:1]], [1]) == [
+        "| run | top-1 (seed 1) | top-5 | minutes per run |", "|---|---|---|---|",
+        "| teacher | 99.17 | 100.00 | 0.3 |", "| student alone | 79.00 | 99.00 | 0.9 |"]
+    two_seeds = results_table(teacher, [alone], [1, 2])
+    assert two_seeds[0] == "| run | top-1 mean ± std (seeds 1 / 2) | top-5 (mean) | minutes per run |"
+    assert two_seeds[3] == "| student alone | 77.00 ± 2.83 (79.00 / 75.00) | 98.50 | 1.0 |"
+    assert caveat([1], 16).startswith("What this table can show: one seed per row, 16 student epochs.")
+
+
+def test_digits_demo_prints_the_committed_study_tables(tmp_path):
+    from benchmarks.digits_demo import study_excerpts
+
+    assert study_excerpts(tmp_path) == [f"No seeded comparison is committed in {tmp_path} yet: run "
+                                        "benchmarks/distillation_study.py."]
+    (tmp_path / "few-labels").mkdir()
+    (tmp_path / "few-labels" / "results.md").write_text("# Distillation study\n\n- seeds 1,2,3\n\n| row |\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "results.md").write_text("# Distillation study\n\n| row |\n")
+    lines = study_excerpts(tmp_path)
+    assert lines[1:] == ["", f"[{tmp_path / 'full' / 'results.md'}]", "", "| row |",
+                         "", f"[{tmp_path / 'few-labels' / 'results.md'}]", "", "- seeds 1,2,3", "", "| row |"]
