@@ -15,14 +15,24 @@ RemovableHandle cannot be traced); the forward between them is one graph.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch._dynamo
 import torch._inductor.config
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from pat_hf.distillers import DistillArguments, DistillContext, get_distiller_class
+from tests.helpers import save_teacher, tiny_run
 from tests.tiny_models import INPUT_SIZE, NUM_CLASSES, tiny_batch, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 COMPILED_RTOL = 1e-4
 STEPS = 4
@@ -159,3 +169,36 @@ def test_few_labels_compile_settles_after_the_labelled_count_varies(fresh_dynamo
     first_pass = len(counts) + len(edge_counts)
     assert snapshots[settled_after - 1] == snapshots[len(counts) - 1], "a new labelled count compiled again"
     assert snapshots[first_pass - 1] == snapshots[-1], "a count seen before compiled again"
+
+
+def test_the_torch_compile_flag_trains_pat_as_eager_training_does(tmp_path):
+    """`pat-hf-train --torch_compile` end to end (each run in its own process: accelerate keeps one compile
+    setting per process): the Trainer hands the distiller to accelerate, which compiles it; every logged loss
+    equals the eager run's, and the exported student is the plain timm state dict (no torch.compile prefix)."""
+    teacher = save_teacher(tmp_path)
+    # SGD: its update is linear in the gradient, so the weights differ as little as the gradients do (Adam divides
+    # by the gradient's running scale, which turns last-bit differences of near-zero gradients into whole steps).
+    flags = ["--distiller", "pat", "--pat-raa-dim", "32", "--pat-raa-num-queries", "16", "--cost-runs", "0",
+             "--seed", "0", "--opt", "sgd", "--lr", "0.01"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    histories, students = {}, {}
+    for mode, extra in (("eager", []), ("compiled", ["--torch_compile", "true", "--torch_compile_backend",
+                                                     "aot_eager"])):
+        output = tmp_path / mode
+        done = subprocess.run([sys.executable, "-m", "pat_hf.train", *tiny_run(output, teacher, *flags, *extra)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+        histories[mode] = [{k: v for k, v in entry.items() if k.startswith("loss")} for entry in history
+                           if "loss" in entry]
+        students[mode] = load_file(str(output / "student" / "model.safetensors"))
+    assert len(histories["compiled"]) == len(histories["eager"]) == 2
+    for eager, compiled in zip(histories["eager"], histories["compiled"]):
+        assert eager.keys() == compiled.keys() and "loss_pat_mse" in eager
+        for name in eager:
+            assert compiled[name] == pytest.approx(eager[name], rel=COMPILED_RTOL, abs=1e-6), name
+    assert students["compiled"].keys() == students["eager"].keys()
+    differences = {k: float((students["compiled"][k].float() - students["eager"][k].float()).abs().max())
+                   for k in students["eager"]}
+    assert max(differences.values()) <= 1e-5, max(differences.items(), key=lambda item: item[1])
