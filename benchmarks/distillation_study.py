@@ -393,6 +393,29 @@ def summarise_studies(folders: Sequence[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_finished(output: Path, settings: dict, rows: list[str], seeds: list[int], jobs: int,
+                    echo: Callable[[str], None]) -> int:
+    """--report: the results of the runs of `rows` x `seeds` finished in `output`, without touching a run
+    (one still training is left as it is)."""
+    folders = Launcher(output, threads=1)
+    earlier = {}
+    if (output / "runs.json").exists():
+        earlier = {(run["row"], run["seed"]): run for run in json.loads((output / "runs.json").read_text())["runs"]}
+    results, unfinished = [], []
+    for row in rows:
+        for seed in seeds:
+            metrics = finished_metrics(folders.folder(run_name(row, seed)))
+            if metrics is None:
+                unfinished.append(f"{row} seed {seed}")
+            else:
+                results.append(result_of(row, seed, metrics, earlier.get((row, seed), {}).get("minutes")))
+    teacher = finished_metrics(folders.folder("teacher"))
+    echo(write_results(output, settings, results, rows, teacher and teacher["eval_top1"], jobs))
+    echo(f"{len(results)} of {len(rows) * len(seeds)} runs finished" +
+         (f"; not finished: {', '.join(unfinished)}" if unfinished else ""))
+    return 0
+
+
 def parse_list(text: str, kind: type = str) -> list:
     return [kind(item.strip()) for item in text.split(",") if item.strip()]
 
@@ -417,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-args", default="", help="training flags added to every student run, quoted")
     parser.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     parser.add_argument("--teacher-args", default="", help="training flags added to the teacher's run, quoted")
+    parser.add_argument("--report", action="store_true", help=(
+        "write OUTPUT's results from the runs finished so far and train nothing (a study still running, or "
+        "stopped, keeps every run it has)"))
     parser.add_argument("--summarise", type=Path, nargs="+", metavar="DIR",
                         help="instead of training: gather these finished studies in one table by epoch budget")
     parser.add_argument("--summary-output", type=Path, help="--summarise: also write the table to this file")
@@ -462,8 +488,12 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
         kept = json.loads(settings_file.read_text())
         if kept != settings:
             parser.error(f"{output} holds a study with other settings ({kept}); choose another --output")
-    write_report(settings_file, json.dumps(settings, indent=1) + "\n")
     jobs = max(1, args.jobs)
+    if args.report:
+        if not settings_file.exists():
+            parser.error(f"--report: {output} holds no study (no {settings_file.name})")
+        return report_finished(output, settings, rows, seeds, jobs, echo)
+    write_report(settings_file, json.dumps(settings, indent=1) + "\n")
     train = Launcher(output, args.threads or max(1, (os.cpu_count() or 1) // jobs))
 
     results: list[RunResult] = []

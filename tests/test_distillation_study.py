@@ -86,6 +86,27 @@ def test_a_resumed_study_reports_its_finished_runs_without_training(tmp_path, mo
         main(["--rows", "alone", "--seeds", "1,2", "--epochs", "4", "--output", str(tmp_path)], lines.append)
 
 
+def test_report_writes_the_finished_runs_and_leaves_a_running_one_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(distillation_study.subprocess, "run", no_training)
+    lines = []
+    with pytest.raises(SystemExit):  # no study in the folder yet
+        main(["--rows", "alone", "--output", str(tmp_path), "--report"], lines.append)
+    (tmp_path / "study.json").write_text(json.dumps({"epochs": 3, "setting": "full", "extra_args": "",
+                                                     "teacher_epochs": 6, "teacher_args": ""}))
+    finished_run(tmp_path / "teacher", 99.0)
+    finished_run(tmp_path / "runs" / "alone-s1", 96.0)
+    finished_run(tmp_path / "runs" / "kd-s1", 97.0)
+    running = tmp_path / "runs" / "kd-s2"
+    running.mkdir()
+    (running / "args.yaml").write_text("model: {}\n")
+    assert main(["--rows", "alone,kd", "--seeds", "1,2", "--epochs", "3", "--output", str(tmp_path), "--report"],
+                lines.append) == 0
+    assert lines[-1] == "2 of 4 runs finished; not finished: alone seed 2, kd seed 2"
+    assert "| KD | 1 | 97.00 | +1.00 (1 pair) | 97.00 | – |" in lines[-2]
+    assert "teacher: ResNet-10-T, labels only, 6 epochs, top-1 99.00" in lines[-2]
+    assert (running / "args.yaml").is_file()
+
+
 def test_few_labels_leaves_out_crd_and_refuses_it_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["--rows", "alone,crd", "--setting", "few-labels", "--output", str(tmp_path)], print)
