@@ -389,9 +389,12 @@ def test_the_reference_tools_fail_in_one_line(tmp_path, capsys):
 def test_ctrl_c_during_start_up_is_one_line_and_status_130(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
+    # A shell that starts a job in the background (`pytest &`) makes it ignore SIGINT, and Python keeps an ignored
+    # SIGINT ignored: the child gets the default disposition back, as from a terminal.
     process = subprocess.Popen([sys.executable, "-m", "pat_hf.train", "--config", "smoke", "--output_dir",
                                 str(tmp_path / "run")], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
