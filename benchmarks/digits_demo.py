@@ -66,10 +66,12 @@ class RunFailed(RuntimeError):
     pass
 
 
-def run(name: str, label: str, output: Path, flags: list[str], threads: int) -> Result:
-    """One training run in its own process with `threads` CPU threads; its log goes to OUTPUT/NAME.log."""
+def run(name: str, label: str, output: Path, flags: list[str], threads: int, seed: int | None = None) -> Result:
+    """One training run (with `seed`, else the config's) in its own process with `threads` CPU threads; its log
+    goes to OUTPUT/NAME.log."""
+    seed_flags = [] if seed is None else ["--seed", str(seed)]
     command = [sys.executable, "-m", "pat_hf.cli.train", "--config", CONFIG, "--output_dir", str(output / name),
-               "--report_to", "none", "--disable_tqdm", "true", *flags]
+               "--report_to", "none", "--disable_tqdm", "true", *flags, *seed_flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = output / f"{name}.log"
@@ -81,7 +83,7 @@ def run(name: str, label: str, output: Path, flags: list[str], threads: int) -> 
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RunFailed(f"{label} failed (exit status {status}); the end of {log}:\n{tail}")
     metrics = json.loads((output / name / "all_results.json").read_text())
-    return Result(label, metrics["eval_top1"], metrics["eval_top5"], minutes)
+    return Result(label, metrics["eval_top1"], metrics["eval_top5"], minutes, seed)
 
 
 def format_values(values: list[float]) -> str:
@@ -178,14 +180,12 @@ def main() -> None:
         results: dict[tuple[str, int], Result] = {}
         with ThreadPoolExecutor(jobs) as pool:
             futures = {pool.submit(run, f"{row}-s{seed}" if len(seeds) > 1 else row, STUDENT_ROWS[row][0],
-                                   args.output, ["--teacher-pretrained", weights, *STUDENT_ROWS[row][1],
-                                                 "--seed", str(seed), *epochs],
-                                   max(1, cores // jobs)): (row, seed)
+                                   args.output, ["--teacher-pretrained", weights, *STUDENT_ROWS[row][1], *epochs],
+                                   max(1, cores // jobs), seed): (row, seed)
                        for row, seed in runs}
             for future in as_completed(futures):
                 row, seed = futures[future]
                 results[(row, seed)] = future.result()
-                results[(row, seed)].seed = seed
                 report(len(results) + 1, results[(row, seed)])
     except RunFailed as error:
         sys.exit(str(error))

@@ -139,6 +139,15 @@ def prepare_run_folder(folder: Path, required: Sequence[str] = ()) -> dict | Non
     return None
 
 
+def recorded_minutes(output: Path) -> dict[tuple[str, int], float | None]:
+    """The minutes of each (row, seed) run that OUTPUT/runs.json recorded: a finished run's folder keeps its
+    metrics but not how long it took."""
+    path = output / "runs.json"
+    if not path.exists():
+        return {}
+    return {(run["row"], run["seed"]): run.get("minutes") for run in json.loads(path.read_text())["runs"]}
+
+
 def result_of(row: str, seed: int, metrics: dict, minutes: float | None) -> RunResult:
     return RunResult(row, seed, metrics["eval_top1"], metrics.get("eval_top5"), metrics.get("eval_ema_top1"),
                      minutes)
@@ -398,9 +407,7 @@ def report_finished(output: Path, settings: dict, rows: list[str], seeds: list[i
     """--report: the results of the runs of `rows` x `seeds` finished in `output`, without touching a run
     (one still training is left as it is)."""
     folders = Launcher(output, threads=1)
-    earlier = {}
-    if (output / "runs.json").exists():
-        earlier = {(run["row"], run["seed"]): run for run in json.loads((output / "runs.json").read_text())["runs"]}
+    minutes = recorded_minutes(output)
     results, unfinished = [], []
     for row in rows:
         for seed in seeds:
@@ -408,7 +415,7 @@ def report_finished(output: Path, settings: dict, rows: list[str], seeds: list[i
             if metrics is None:
                 unfinished.append(f"{row} seed {seed}")
             else:
-                results.append(result_of(row, seed, metrics, earlier.get((row, seed), {}).get("minutes")))
+                results.append(result_of(row, seed, metrics, minutes.get((row, seed))))
     teacher = finished_metrics(folders.folder("teacher"))
     echo(write_results(output, settings, results, rows, teacher and teacher["eval_top1"], jobs))
     echo(f"{len(results)} of {len(rows) * len(seeds)} runs finished" +
@@ -497,9 +504,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
     train = Launcher(output, args.threads or max(1, (os.cpu_count() or 1) // jobs))
 
     results: list[RunResult] = []
-    earlier = {}
-    if (output / "runs.json").exists():
-        earlier = {(run["row"], run["seed"]): run for run in json.loads((output / "runs.json").read_text())["runs"]}
+    minutes = recorded_minutes(output)
     pending = []
     for row in sorted(rows, key=LONGEST_FIRST.index):
         for seed in seeds:
@@ -507,7 +512,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
             if metrics is None:
                 pending.append((row, seed))
             else:
-                results.append(result_of(row, seed, metrics, earlier.get((row, seed), {}).get("minutes")))
+                results.append(result_of(row, seed, metrics, minutes.get((row, seed))))
     total = len(rows) * len(seeds)
     echo(f"{total} runs ({len(rows)} rows x {len(seeds)} seeds), {len(results)} already finished; "
          f"{min(jobs, max(1, len(pending)))} at a time; logs in {output / 'logs'}")
