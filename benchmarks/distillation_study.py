@@ -139,13 +139,28 @@ def prepare_run_folder(folder: Path, required: Sequence[str] = ()) -> dict | Non
     return None
 
 
-def recorded_minutes(output: Path) -> dict[tuple[str, int], float | None]:
-    """The minutes of each (row, seed) run that OUTPUT/runs.json recorded: a finished run's folder keeps its
-    metrics but not how long it took."""
+def recorded_study(output: Path) -> dict:
+    """OUTPUT/runs.json as the study last wrote it ({} when there is none)."""
     path = output / "runs.json"
-    if not path.exists():
-        return {}
-    return {(run["row"], run["seed"]): run.get("minutes") for run in json.loads(path.read_text())["runs"]}
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def recorded_runs(output: Path) -> dict[tuple[str, int], RunResult]:
+    """Each run that OUTPUT/runs.json recorded. A finished run's folder keeps its metrics but not how long it
+    took; and a study continued from a committed runs.json (the run folders are not committed) has no folders."""
+    return {(run["row"], run["seed"]): RunResult(**run) for run in recorded_study(output).get("runs", [])}
+
+
+def finished_or_recorded(row: str, seed: int, metrics: dict | None,
+                         recorded: dict[tuple[str, int], RunResult]) -> RunResult | None:
+    """The run's result from its folder's metrics, else from runs.json when it recorded it finished; None when
+    the run is still to train."""
+    kept = recorded.get((row, seed))
+    if metrics is not None:
+        return result_of(row, seed, metrics, kept and kept.minutes)
+    if kept is not None and kept.error is None and kept.top1 is not None:
+        return kept
+    return None
 
 
 def result_of(row: str, seed: int, metrics: dict, minutes: float | None) -> RunResult:
@@ -407,17 +422,18 @@ def report_finished(output: Path, settings: dict, rows: list[str], seeds: list[i
     """--report: the results of the runs of `rows` x `seeds` finished in `output`, without touching a run
     (one still training is left as it is)."""
     folders = Launcher(output, threads=1)
-    minutes = recorded_minutes(output)
+    recorded = recorded_runs(output)
     results, unfinished = [], []
     for row in rows:
         for seed in seeds:
-            metrics = finished_metrics(folders.folder(run_name(row, seed)))
-            if metrics is None:
+            result = finished_or_recorded(row, seed, finished_metrics(folders.folder(run_name(row, seed))), recorded)
+            if result is None:
                 unfinished.append(f"{row} seed {seed}")
             else:
-                results.append(result_of(row, seed, metrics, minutes.get((row, seed))))
+                results.append(result)
     teacher = finished_metrics(folders.folder("teacher"))
-    echo(write_results(output, settings, results, rows, teacher and teacher["eval_top1"], jobs))
+    teacher_top1 = teacher["eval_top1"] if teacher else recorded_study(output).get("teacher_top1")
+    echo(write_results(output, settings, results, rows, teacher_top1, jobs))
     echo(f"{len(results)} of {len(rows) * len(seeds)} runs finished" +
          (f"; not finished: {', '.join(unfinished)}" if unfinished else ""))
     return 0
@@ -491,28 +507,29 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
     output = args.output
     settings = study_settings(args)
     settings_file = output / "study.json"
-    if settings_file.exists():
-        kept = json.loads(settings_file.read_text())
-        if kept != settings:
-            parser.error(f"{output} holds a study with other settings ({kept}); choose another --output")
+    # A study continued from a committed runs.json has no study.json: the settings recorded with the runs count.
+    kept = json.loads(settings_file.read_text()) if settings_file.exists() else recorded_study(output).get("settings")
+    if kept is not None and kept != settings:
+        parser.error(f"{output} holds a study with other settings ({kept}); choose another --output")
     jobs = max(1, args.jobs)
     if args.report:
-        if not settings_file.exists():
-            parser.error(f"--report: {output} holds no study (no {settings_file.name})")
+        if kept is None:
+            parser.error(f"--report: {output} holds no study (no {settings_file.name} or runs.json)")
         return report_finished(output, settings, rows, seeds, jobs, echo)
     write_report(settings_file, json.dumps(settings, indent=1) + "\n")
     train = Launcher(output, args.threads or max(1, (os.cpu_count() or 1) // jobs))
 
     results: list[RunResult] = []
-    minutes = recorded_minutes(output)
+    recorded = recorded_runs(output)
+    recorded_teacher_top1 = recorded_study(output).get("teacher_top1")
     pending = []
     for row in sorted(rows, key=LONGEST_FIRST.index):
         for seed in seeds:
-            metrics = prepare_run_folder(train.folder(run_name(row, seed)))
-            if metrics is None:
+            result = finished_or_recorded(row, seed, prepare_run_folder(train.folder(run_name(row, seed))), recorded)
+            if result is None:
                 pending.append((row, seed))
             else:
-                results.append(result_of(row, seed, metrics, minutes.get((row, seed))))
+                results.append(result)
     total = len(rows) * len(seeds)
     echo(f"{total} runs ({len(rows)} rows x {len(seeds)} seeds), {len(results)} already finished; "
          f"{min(jobs, max(1, len(pending)))} at a time; logs in {output / 'logs'}")
@@ -531,6 +548,9 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
                 return 1
             echo(f"teacher: top-1 {teacher['eval_top1']:.2f} ({minutes:.1f} min)")
         teacher_top1 = teacher["eval_top1"]
+        if recorded_teacher_top1 is not None and teacher_top1 != recorded_teacher_top1:
+            echo(f"warning: this teacher reaches top-1 {teacher_top1:.2f}, the recorded runs' teacher "
+                 f"{recorded_teacher_top1:.2f}: the new rows learn from another teacher than the recorded ones")
     weights = str(train.folder("teacher") / TEACHER_WEIGHTS)
 
     shared = student_flags(args)

@@ -1,7 +1,7 @@
 """Which timm families export to ONNX (fp32 and int8) and pass the export check: one line per family.
 
     OMP_NUM_THREADS=1 python benchmarks/export_coverage.py [--families levit,swin_transformer] [--output FILE.md]
-        [--max-memory-gb 6]
+        [--max-memory-gb 6] [--jobs 2]
 
 The families, their smallest variants (random weights, narrow kwargs where even that is huge) and their input
 sizes are family_coverage.py's. Each is exported as pat-hf exports a student (a timm folder with config.json),
@@ -9,7 +9,8 @@ then `pat_hf.export.onnx.export_student_onnx` writes model.onnx and model_int8.o
 digits images) and checks both against PyTorch on other digits images, resized to the family's input and
 normalised with its mean and std. Random weights give meaningless accuracies, so only the checks count: fp32
 within 1e-4 of the logit range, int8 agreeing with PyTorch's top-1 on at least 90% of the images. Each family
-runs in a child process, stopped above --max-memory-gb (some exports take tens of GB) or after 3 x --timeout.
+runs in a child process, stopped above --max-memory-gb (some exports take tens of GB) or after 3 x --timeout;
+--jobs children run side by side (the table is a check, not a timing: the seconds per family are wall times).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +136,7 @@ def run_family(module: str, sizes: tuple[int, ...], timeout: float, workdir: Pat
     return row
 
 
-def markdown(rows: list[Row], minutes: float, threads: int) -> str:
+def markdown(rows: list[Row], minutes: float, threads: int, jobs: int = 1) -> str:
     fp32 = sum(r.fp32_passes for r in rows)
     int8 = sum(r.int8_passes for r in rows)
     both = sum(r.fp32_passes and r.int8_passes for r in rows)
@@ -142,8 +144,8 @@ def markdown(rows: list[Row], minutes: float, threads: int) -> str:
         "# ONNX export coverage of timm families",
         "",
         f"timm {timm.__version__}, torch {torch.__version__}, {describe_machine('cpu')}, {threads} torch "
-        f"thread(s); {len(rows)} of timm's {len(timm.list_modules())} families (family_coverage.py's smallest "
-        f"variants, random weights); checks on "
+        f"thread(s), {jobs} famil{'y' if jobs == 1 else 'ies'} at a time; {len(rows)} of timm's "
+        f"{len(timm.list_modules())} families (family_coverage.py's smallest variants, random weights); checks on "
         f"{CHECK_IMAGES} digits images, int8 calibrated on {CALIBRATION_IMAGES} others; {minutes:.1f} min.",
         "",
         f"**fp32 ONNX passes its check for {fp32} of {len(rows)} families, int8 for {int8} of {len(rows)}; "
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per family's build and per export")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--max-memory-gb", type=float, default=6, help="stop a family's export above this memory")
+    parser.add_argument("--jobs", type=int, default=1, help="families exported side by side, each in its process")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one family, in a child process
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -207,18 +210,27 @@ def main(argv: list[str] | None = None) -> str:
     if unknown:
         parser.error(f"not timm modules: {', '.join(unknown)}; see timm.list_modules()")
     start = time.perf_counter()
-    rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="export-coverage-") as workdir:
-        for module in modules:
-            family_start = time.perf_counter()
-            row = run_isolated(module, args, Path(workdir))
-            row.seconds = time.perf_counter() - family_start
-            rows.append(row)
-            print(f"{module}: {row.variant}: fp32 {row.fp32}; int8 {row.int8} ({row.seconds:.0f} s)", flush=True)
-            # Rewritten after every family: a long run that is stopped still leaves its table.
-            write_report(args.output, markdown(rows, (time.perf_counter() - start) / 60, args.threads))
-    return markdown(rows, (time.perf_counter() - start) / 60, args.threads)
+    finished: dict[str, Row] = {}
 
+    def report() -> str:
+        rows = [finished[module] for module in modules if module in finished]  # timm's order, whatever finished
+        return markdown(rows, (time.perf_counter() - start) / 60, args.threads, args.jobs)
+
+    def timed(module: str, workdir: Path) -> Row:
+        family_start = time.perf_counter()
+        row = run_isolated(module, args, workdir)
+        row.seconds = time.perf_counter() - family_start
+        return row
+
+    with tempfile.TemporaryDirectory(prefix="export-coverage-") as workdir, ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(timed, module, Path(workdir)): module for module in modules}
+        for future in as_completed(futures):
+            row = finished[futures[future]] = future.result()
+            print(f"[{len(finished)}/{len(modules)}] {row.family}: {row.variant}: fp32 {row.fp32}; int8 {row.int8} "
+                  f"({row.seconds:.0f} s)", flush=True)
+            # Rewritten after every family: a long run that is stopped still leaves its table.
+            write_report(args.output, report())
+    return report()
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,38 @@ def test_report_writes_the_finished_runs_and_leaves_a_running_one_alone(tmp_path
     assert "| KD | 1 | 97.00 | +1.00 (1 pair) | 97.00 | – |" in lines[-2]
     assert "teacher: ResNet-10-T, labels only, 6 epochs, top-1 99.00" in lines[-2]
     assert (running / "args.yaml").is_file()
+
+
+def test_a_study_continues_from_a_committed_runs_json_training_only_the_missing_runs(tmp_path, monkeypatch):
+    settings = {"epochs": 3, "setting": "full", "extra_args": "", "teacher_epochs": 6, "teacher_args": ""}
+    runs = [{"row": row, "seed": seed, "top1": top1, "top5": 100.0, "ema_top1": None, "minutes": 5.0, "error": error}
+            for row, seed, top1, error in (("alone", 1, 90.0, None), ("alone", 2, 92.0, None),
+                                           ("kd", 1, 93.0, None), ("kd", 2, None, "exit status 1"))]
+    (tmp_path / "runs.json").write_text(json.dumps({"settings": settings, "machine": "a CPU", "teacher_top1": 99.0,
+                                                    "runs": runs}))  # as committed: no run folder, no study.json
+    finished_run(tmp_path / "teacher", 98.5)
+    (tmp_path / "teacher" / "student").mkdir()
+    (tmp_path / "teacher" / "student" / "model.safetensors").write_bytes(b"weights")
+    trained = []
+
+    def fake_training(command, **kwargs):  # "trains" by writing the evaluation the study reads
+        folder = Path(command[command.index("--output_dir") + 1])
+        trained.append(folder.name)
+        finished_run(folder, 95.0)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(distillation_study.subprocess, "run", fake_training)
+    lines = []
+    assert main(["--rows", "alone,kd", "--seeds", "1,2", "--epochs", "3", "--jobs", "1", "--output", str(tmp_path)],
+                lines.append) == 0
+    assert lines[0].startswith("4 runs (2 rows x 2 seeds), 3 already finished")
+    assert trained == ["kd-s2"]  # the failed run is trained again, the recorded ones are kept
+    assert "warning: this teacher reaches top-1 98.50, the recorded runs' teacher 99.00" in lines[1]
+    assert "| KD | 1,2 | 94.00 ± 1.41 | +3.00 [+3.00, +3.00] (2 pairs) | 93.00 / 95.00 |" in lines[-1]
+    kept = {(r["row"], r["seed"]): r for r in json.loads((tmp_path / "runs.json").read_text())["runs"]}
+    assert kept[("alone", 1)]["minutes"] == 5.0 and kept[("kd", 2)]["top1"] == 95.0
+    with pytest.raises(SystemExit):  # the recorded settings count as the study's
+        main(["--rows", "alone", "--seeds", "1", "--epochs", "4", "--output", str(tmp_path)], lines.append)
 
 
 def test_few_labels_leaves_out_crd_and_refuses_it_in_one_line(tmp_path, capsys):
