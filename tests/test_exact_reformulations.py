@@ -1,6 +1,7 @@
 """PAT's fast paths compute what the plain modules compute: outputs, gradients and BatchNorm state, in float64."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -122,3 +123,17 @@ def test_optimizers_use_the_multi_tensor_update_where_they_have_one():
 
 def test_freed_host_memory_is_kept_on_glibc_linux():
     assert keep_freed_host_memory() is True
+
+
+def test_shape_constants_are_built_once_eagerly_and_traced_without_a_warning_compiled():
+    from pat_hf.modules.window_sums import _tap_indicator
+
+    first = _tap_indicator(7, 3, 1, torch.float32, torch.device("cpu"))
+    assert _tap_indicator(7, 3, 1, torch.float32, torch.device("cpu")) is first  # eager: cached
+    x = torch.randn(2, 3, 7, 7)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(tap_sums, backend="eager", fullgraph=True)(x, (3, 3), (1, 1))
+    assert torch.allclose(compiled, tap_sums(x, (3, 3), (1, 1)))
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]

@@ -6,7 +6,6 @@ Weights are initialised as the reference's `init_weights` does.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -15,6 +14,7 @@ from einops import rearrange
 from torch import nn
 
 from pat_hf.modules.patch_tokens import PatchTokens
+from pat_hf.modules.shape_constants import shape_constant
 from pat_hf.modules.token_grid import Shape, channels, is_map
 
 
@@ -39,7 +39,7 @@ def _square_side(num_tokens: int) -> int:
     return math.isqrt(num_tokens)
 
 
-@functools.lru_cache(maxsize=64)
+@shape_constant
 def _nearest_repeats(in_size: tuple[int, int], out_size: tuple[int, int], dtype: torch.dtype,
                      device: torch.device) -> torch.Tensor:
     """(H_in, W_in): how many pixels of a nearest resize to `out_size` copy each input pixel. Counted on the

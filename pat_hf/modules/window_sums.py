@@ -9,12 +9,12 @@ What follows the mean acts on (B, C) vectors, where a convolution is a (grouped)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from pat_hf.modules.shape_constants import shape_constant
 
 
 def _tap_ranges(size: int, kernel: int, padding: int) -> list[tuple[int, int]]:
@@ -24,7 +24,7 @@ def _tap_ranges(size: int, kernel: int, padding: int) -> list[tuple[int, int]]:
     return [(start, max(start, stop)) for start, stop in ranges]
 
 
-@functools.lru_cache(maxsize=64)
+@shape_constant
 def _tap_indicator(size: int, kernel: int, padding: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(kernel, size): 1 where a tap reads an input position along one axis; cached per device."""
     indicator = torch.zeros(kernel, size, dtype=dtype)
