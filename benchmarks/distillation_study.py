@@ -482,15 +482,12 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
             write_report(args.summary_output, table)
         echo(table)
         return 0
-    few_labels = args.setting == "few-labels"
-    if args.rows is None:
-        rows = [row for row in ROWS if not (few_labels and row in NEEDS_EVERY_LABEL)]
-    else:
-        rows = parse_list(args.rows)
+    cannot_train = NEEDS_EVERY_LABEL if args.setting == "few-labels" else ()
+    rows = [row for row in ROWS if row not in cannot_train] if args.rows is None else parse_list(args.rows)
     unknown = [row for row in rows if row not in ROWS]
     if unknown or not rows:
         parser.error(f"unknown --rows {','.join(unknown)}; choose from {','.join(ROWS)}")
-    refused = [row for row in rows if few_labels and row in NEEDS_EVERY_LABEL]
+    refused = [row for row in rows if row in cannot_train]
     if refused:
         parser.error(f"--setting few-labels: {','.join(refused)} cannot train on unlabelled examples (its memory "
                      f"bank needs every example's class); leave it out of --rows")
