@@ -92,8 +92,12 @@ def describe(result: OnnxExportResult) -> tuple[str, str]:
     fp32, int8 = result.fp32, result.int8
     fp32_text = f"{'passes' if fp32.passed else 'fails'} (max diff {fp32.max_abs_diff:.1e}, logit range " \
                 f"{fp32.logit_range:.3g})"
+    if int8 is None:  # exported without --int8
+        return fp32_text, "not exported"
     int8_text = f"{'passes' if int8.passed else 'fails'} (top-1 agreement {int8.top1_agreement:.0%}, " \
                 f"{int8.size_bytes / max(fp32.size_bytes, 1):.0%} of the fp32 size)"
+    if result.quantization.get("shape_inference"):
+        int8_text += "; after ONNX's shape inference (ONNX Runtime's symbolic one could not complete)"
     return fp32_text, int8_text
 
 

@@ -8,10 +8,12 @@ import sys
 import onnx
 import onnxruntime
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -32,6 +34,7 @@ from pat_hf.export.onnx import (
     read_preprocessing,
 )
 from pat_hf.export.student import export_student
+from pat_hf.training.memory_format import safetensors_ready
 from tests.tiny_models import IMAGE_SIZE, TINY_MODELS, tiny_model
 
 DATA_CONFIG = {"input_size": (3, IMAGE_SIZE, IMAGE_SIZE), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
@@ -257,3 +260,48 @@ def test_cli_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     assert _cli(monkeypatch, str(tmp_path), "--debug") == 1
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.endswith("pass the run's student/ folder\n")
+
+
+def test_a_student_holding_one_module_under_two_names_exports_and_loads_back(tmp_path):
+    # CoaT reuses each convolutional position encoding under two names: timm's save_for_hf fails on it
+    # ("Some tensors share memory"), so a CoaT student's export failed at the end of its training.
+    model = timm.create_model("coat_tiny", num_classes=10, img_size=IMAGE_SIZE).eval()
+    assert model.serial_blocks1[0].cpe is model.cpe1
+    card = ModelCardInfo(student="coat_tiny", teacher="", teacher_weights="", distiller="kd", dataset="digits")
+    folder = export_student(model, tmp_path / "student", model_kwargs={"img_size": IMAGE_SIZE},
+                            data_config=DATA_CONFIG, class_names=None, card=card)
+    loaded = load_student_folder(folder)
+    images = _digits(0, 4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert loaded.serial_blocks1[0].cpe is loaded.cpe1
+
+
+def test_safetensors_ready_copies_shared_and_non_contiguous_tensors_only():
+    weight = torch.randn(4, 4)
+    state = {"a": weight, "b": weight, "view": weight[:, :2], "t": torch.randn(3, 5).t(), "own": torch.randn(2)}
+    ready = safetensors_ready(state)
+    assert ready["a"] is weight and ready["own"] is state["own"]
+    for name in ("b", "view", "t"):
+        assert ready[name].is_contiguous() and ready[name].data_ptr() != weight.data_ptr()
+        torch.testing.assert_close(ready[name], state[name])
+    save_file(ready, "/dev/null")  # what safetensors refuses, given `state` itself
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_file({"a": weight, "b": weight}, "/dev/null")
+
+
+def test_int8_goes_on_when_onnx_runtimes_symbolic_shape_inference_gives_up(tmp_path, monkeypatch):
+    # ONNX Runtime's symbolic shape inference cannot finish on some graphs (some timm families): it then saved
+    # sym_shape_infer_temp.onnx and its weights into the working directory and the int8 export failed.
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    finish = SymbolicShapeInference._infer_impl
+    monkeypatch.setattr(SymbolicShapeInference, "_infer_impl", lambda self, *a, **k: finish(self, *a, **k) and False)
+    working_directory = tmp_path / "cwd"
+    working_directory.mkdir()
+    monkeypatch.chdir(working_directory)
+    folder = _student_folder(tmp_path, "resnet")
+    result = export_student_onnx(folder, _batches()[:1], int8=True, int8_method="dynamic")
+    assert result.int8.passed and (folder / INT8_FILE).is_file()
+    assert result.quantization["shape_inference"].startswith("ONNX's")
+    assert list(working_directory.iterdir()) == []

@@ -30,6 +30,7 @@ the images. With labels, each model's top-1 accuracy is reported too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -268,11 +269,10 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, *,
                   calibration: torch.Tensor | None = None) -> dict[str, Any]:
     """Quantise an fp32 ONNX file to int8 with ONNX Runtime; returns how (for onnx_check.json)."""
     _check_int8_options(method, calibration)
-    # ONNX Runtime's recommended pre-processing: shape inference and graph fusions, so that quantisation sees the
-    # fused operators it will run.
     prepared = Path(int8_path).with_name("prepared.onnx")
-    quant_pre_process(str(fp32_path), str(prepared))
     how = {"method": method, "weights": "int8 per channel", "operators": list(QUANTIZED_OPERATORS)}
+    if not _prepare_for_quantization(Path(fp32_path), prepared):
+        how["shape_inference"] = "ONNX's (ONNX Runtime's symbolic shape inference could not complete)"
     if method == "dynamic":
         quantize_dynamic(prepared, int8_path, op_types_to_quantize=list(QUANTIZED_OPERATORS), per_channel=True,
                          weight_type=QuantType.QInt8)
@@ -284,6 +284,24 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, *,
         how.update(format="QDQ", activations="uint8, min/max calibrated", calibration_images=len(calibration))
     prepared.unlink()
     return how
+
+
+def _prepare_for_quantization(fp32_path: Path, prepared: Path) -> bool:
+    """ONNX Runtime's recommended pre-processing (shape inference and graph fusions, so that quantisation sees the
+    fused operators it will run) of `fp32_path` into `prepared`; False when its symbolic shape inference could not
+    complete on the graph and ONNX's own shape inference was used instead."""
+    fp32_path, prepared = fp32_path.resolve(), prepared.resolve()
+    # The symbolic shape inference saves its partial model into the working directory when it gives up: from a
+    # scratch folder, that file goes away with it instead of staying in the user's.
+    with tempfile.TemporaryDirectory(prefix="pat-hf-quantize-") as scratch, contextlib.chdir(scratch):
+        try:
+            quant_pre_process(str(fp32_path), str(prepared))
+            return True
+        except Exception as error:  # ONNX Runtime raises a bare Exception for this
+            if "Incomplete symbolic shape inference" not in str(error):
+                raise
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        return False
 
 
 def _session(path: Path) -> onnxruntime.InferenceSession:

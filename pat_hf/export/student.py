@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from timm.models import save_for_hf
+from safetensors.torch import save_file
+from timm.models._hub import HF_SAFE_WEIGHTS_NAME, save_config_for_hf
 from torch import nn
 
 from pat_hf.export.card import ModelCardInfo, model_card
@@ -24,6 +25,7 @@ from pat_hf.training.atomic import (
     write_text_atomically,
 )
 from pat_hf.training.checkpoints import latest_complete_checkpoint
+from pat_hf.training.memory_format import safetensors_ready
 from pat_hf.training.nonfinite import check_finite_state
 
 
@@ -48,9 +50,13 @@ def export_student(student: nn.Module, directory: str | Path, *, model_kwargs: d
     # transformers' TimmWrapper passes num_classes itself: a second copy in model_args makes it fail.
     model_args = {k: v for k, v in model_kwargs.items() if k != "num_classes"}
     with cleaned_up_on_failure(staging):  # a full disk leaves no half-written export behind
-        save_for_hf(student, staging, model_config=model_config, model_args=model_args, safe_serialization=True,
-                    data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
-                                                             "crop_pct")})
+        # timm's save_for_hf, but with a state that safetensors accepts from every timm model (it passes the
+        # state dict as it is, so a module held under two names makes it fail).
+        staging.mkdir(parents=True)
+        save_file(safetensors_ready(student.state_dict()), staging / HF_SAFE_WEIGHTS_NAME)
+        save_config_for_hf(student, staging / "config.json", model_config=model_config, model_args=model_args,
+                           data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
+                                                                    "crop_pct")})
         config_path = staging / "config.json"
         config_path.write_text(json.dumps(_clean_config(json.loads(config_path.read_text()), pretrained), indent=2))
         model_name = directory.resolve().parent.name

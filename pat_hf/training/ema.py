@@ -16,6 +16,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from pat_hf.training.attributes import temporarily
 from pat_hf.training.checkpoints import CheckpointStateCallback
+from pat_hf.training.memory_format import safetensors_ready
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class ModelEmaCallback(CheckpointStateCallback):
         if not is_main_process:
             return
         for name, module in self.named_models():
-            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            state = safetensors_ready({k: v.detach().cpu() for k, v in module.state_dict().items()})
             save_file(state, os.path.join(folder, f"{name}.safetensors"))
 
     def load_from_checkpoint(self, folder: str) -> None:
