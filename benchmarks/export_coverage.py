@@ -135,6 +135,8 @@ def run_family(module: str, sizes: tuple[int, ...], timeout: float, workdir: Pat
                 row.fp32 = describe(export_student_onnx(folder, batches))[0]
         except OnnxCheckError as check_error:
             row.fp32 = describe(check_error.result)[0]
+        except Exception as fp32_error:  # e.g. ONNX Runtime cannot load the exported graph at all
+            row.fp32 = f"fails: {one_line(fp32_error)}"
     except Exception as error:
         row.fp32 = row.int8 = f"fails: {one_line(error)}"
     return row
