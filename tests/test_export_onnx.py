@@ -305,3 +305,32 @@ def test_int8_goes_on_when_onnx_runtimes_symbolic_shape_inference_gives_up(tmp_p
     assert result.int8.passed and (folder / INT8_FILE).is_file()
     assert result.quantization["shape_inference"].startswith("ONNX's")
     assert list(working_directory.iterdir()) == []
+
+
+class _BlockedAttention(nn.Module):
+    """Attention over 5-D (batch, blocks, heads, tokens, dim) tensors, as Nest computes it, behind timm's
+    fused_attn switch: the exporter has no translation of scaled_dot_product_attention for 5-D inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused_attn = True
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = images.mean(1).reshape(images.shape[0], 4, 2, -1, 8)  # (B, blocks, heads, tokens, dim)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        if self.fused_attn:
+            attended = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attended = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1) @ v
+        return self.head(attended.mean((1, 2, 3)))
+
+
+def test_attention_the_exporter_cannot_translate_is_exported_unfused(tmp_path):
+    model = _BlockedAttention().eval()
+    images = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    export_model(model, tmp_path / "model.onnx", (3, IMAGE_SIZE, IMAGE_SIZE))
+    assert model.fused_attn is True  # switched back after the export
+    with torch.no_grad():
+        torch.testing.assert_close(_run(tmp_path / "model.onnx", images), model(images), rtol=1e-5, atol=1e-6)

@@ -35,7 +35,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +59,7 @@ from pat_hf.models.factory import create_model
 from pat_hf.training.atomic import fsync_folder, write_text_atomically
 
 ONNX_FILE = "model.onnx"
+SDPA_OPERATOR = "aten.scaled_dot_product_attention"
 INT8_FILE = "model_int8.onnx"
 CHECK_FILE = "onnx_check.json"
 INPUT_NAME = "pixel_values"
@@ -236,15 +237,44 @@ def export_model(model: nn.Module, path: str | os.PathLike, input_size: Sequence
     model.eval()
     # A batch of 2: torch.export treats sizes 0 and 1 as constants, so an example at batch 1 would fix the axis.
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+
+    def export() -> torch.onnx.ONNXProgram:
+        try:
+            with torch.no_grad():
+                return torch.onnx.export(
+                    model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        except Exception as error:  # the exporter wraps every failure of capture and translation alike
+            raise exporter_error(error, name, opset) from error
+
     try:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
-    except Exception as error:  # the exporter wraps every failure of capture and translation alike
-        raise exporter_error(error, name, opset) from error
+        program = export()
+    except UnsupportedOperatorError as error:
+        # The exporter translates scaled_dot_product_attention for some inputs only (not the 5-D ones of Nest or
+        # Hiera, say); timm's attention layers compute the same attention with plain matmuls and a softmax when
+        # their fused_attn is off.
+        if not error.operator.startswith(SDPA_OPERATOR):
+            raise
+        with unfused_timm_attention(model) as switched:
+            if not switched:
+                raise
+            program = export()
     program.model.metadata_props.update(metadata or {})
     program.save(path, external_data=False)
+
+
+@contextlib.contextmanager
+def unfused_timm_attention(model: nn.Module) -> Iterator[int]:
+    """timm's attention layers of `model` (those with a `fused_attn` switch) computing attention without
+    scaled_dot_product_attention; yields how many were switched, and switches them back on exit."""
+    fused = [module for module in model.modules() if getattr(module, "fused_attn", False) is True]
+    for module in fused:
+        module.fused_attn = False
+    try:
+        yield len(fused)
+    finally:
+        for module in fused:
+            module.fused_attn = True
 
 
 class _CalibrationImages(CalibrationDataReader):
