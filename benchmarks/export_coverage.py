@@ -97,7 +97,7 @@ def describe(result: OnnxExportResult) -> tuple[str, str]:
     int8_text = f"{'passes' if int8.passed else 'fails'} (top-1 agreement {int8.top1_agreement:.0%}, " \
                 f"{int8.size_bytes / max(fp32.size_bytes, 1):.0%} of the fp32 size)"
     if result.quantization.get("shape_inference"):
-        int8_text += "; after ONNX's shape inference (ONNX Runtime's symbolic one could not complete)"
+        int8_text += "; after ONNX's shape inference (ONNX Runtime's symbolic one failed)"
     return fp32_text, int8_text
 
 

@@ -290,13 +290,23 @@ def test_safetensors_ready_copies_shared_and_non_contiguous_tensors_only():
         save_file({"a": weight, "b": weight}, "/dev/null")
 
 
-def test_int8_goes_on_when_onnx_runtimes_symbolic_shape_inference_gives_up(tmp_path, monkeypatch):
-    # ONNX Runtime's symbolic shape inference cannot finish on some graphs (some timm families): it then saved
-    # sym_shape_infer_temp.onnx and its weights into the working directory and the int8 export failed.
+def _gives_up(finish):
+    return lambda self, *args, **kwargs: finish(self, *args, **kwargs) and False
+
+
+def _crashes(finish):
+    def infer(self, *args, **kwargs):
+        raise TypeError("object of type 'NoneType' has no len()")  # as it crashes on EdgeNeXt's Expand
+    return infer
+
+
+@pytest.mark.parametrize("failure", [_gives_up, _crashes])
+def test_int8_goes_on_when_onnx_runtimes_symbolic_shape_inference_fails(tmp_path, monkeypatch, failure):
+    # ONNX Runtime's symbolic shape inference gives up on some graphs (it then saved sym_shape_infer_temp.onnx
+    # and its weights into the working directory) or crashes (EdgeNeXt, XCiT, Swin V2): the int8 export failed.
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    finish = SymbolicShapeInference._infer_impl
-    monkeypatch.setattr(SymbolicShapeInference, "_infer_impl", lambda self, *a, **k: finish(self, *a, **k) and False)
+    monkeypatch.setattr(SymbolicShapeInference, "_infer_impl", failure(SymbolicShapeInference._infer_impl))
     working_directory = tmp_path / "cwd"
     working_directory.mkdir()
     monkeypatch.chdir(working_directory)

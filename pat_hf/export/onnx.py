@@ -302,7 +302,7 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, *,
     prepared = Path(int8_path).with_name("prepared.onnx")
     how = {"method": method, "weights": "int8 per channel", "operators": list(QUANTIZED_OPERATORS)}
     if not _prepare_for_quantization(Path(fp32_path), prepared):
-        how["shape_inference"] = "ONNX's (ONNX Runtime's symbolic shape inference could not complete)"
+        how["shape_inference"] = "ONNX's (ONNX Runtime's symbolic shape inference failed on this graph)"
     if method == "dynamic":
         quantize_dynamic(prepared, int8_path, op_types_to_quantize=list(QUANTIZED_OPERATORS), per_channel=True,
                          weight_type=QuantType.QInt8)
@@ -318,8 +318,8 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, *,
 
 def _prepare_for_quantization(fp32_path: Path, prepared: Path) -> bool:
     """ONNX Runtime's recommended pre-processing (shape inference and graph fusions, so that quantisation sees the
-    fused operators it will run) of `fp32_path` into `prepared`; False when its symbolic shape inference could not
-    complete on the graph and ONNX's own shape inference was used instead."""
+    fused operators it will run) of `fp32_path` into `prepared`; False when its symbolic shape inference failed
+    on the graph (it gives up, or crashes, on some timm families) and ONNX's own shape inference was used."""
     fp32_path, prepared = fp32_path.resolve(), prepared.resolve()
     # The symbolic shape inference saves its partial model into the working directory when it gives up: from a
     # scratch folder, that file goes away with it instead of staying in the user's.
@@ -327,11 +327,12 @@ def _prepare_for_quantization(fp32_path: Path, prepared: Path) -> bool:
         try:
             quant_pre_process(str(fp32_path), str(prepared))
             return True
-        except Exception as error:  # ONNX Runtime raises a bare Exception for this
-            if "Incomplete symbolic shape inference" not in str(error):
-                raise
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        return False
+        except Exception as symbolic_error:  # ONNX Runtime raises a bare Exception when it gives up
+            try:
+                quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            except Exception:
+                raise symbolic_error from None
+            return False
 
 
 def _session(path: Path) -> onnxruntime.InferenceSession:
