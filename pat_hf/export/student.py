@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+import safetensors.torch
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME, save_config_for_hf
 from torch import nn
 
@@ -53,7 +53,7 @@ def export_student(student: nn.Module, directory: str | Path, *, model_kwargs: d
         # timm's save_for_hf, but with a state that safetensors accepts from every timm model (it passes the
         # state dict as it is, so a module held under two names makes it fail).
         staging.mkdir(parents=True)
-        save_file(safetensors_ready(student.state_dict()), staging / HF_SAFE_WEIGHTS_NAME)
+        safetensors.torch.save_file(safetensors_ready(student.state_dict()), staging / HF_SAFE_WEIGHTS_NAME)
         save_config_for_hf(student, staging / "config.json", model_config=model_config, model_args=model_args,
                            data_config={k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
                                                                     "crop_pct")})
