@@ -339,7 +339,8 @@ def write_results(output: Path, settings: dict, results: list[RunResult], rows: 
     seeds = sorted({r.seed for r in results})
     lines = [
         f"# Distillation study on digits ({settings['epochs']} epochs)", "",
-        f"- machine: {describe_machine()}, {jobs} runs side by side",
+        f"- machine: {describe_machine()}; minutes per run are each run's wall-clock minutes under whatever ran "
+        f"beside it (the study's last invocation ran {jobs} at a time; runs kept from earlier ones keep their own)",
         f"- student: test_vit (32x32, patch 4), {settings['epochs']} epochs, seeds {','.join(map(str, seeds))}",
         f"- setting: {setting_line(settings)}",
         f"- teacher: ResNet-10-T, labels only, {settings['teacher_epochs']} epochs, {teacher}",
