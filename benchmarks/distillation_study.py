@@ -145,10 +145,10 @@ def recorded_study(output: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def recorded_runs(output: Path) -> dict[tuple[str, int], RunResult]:
-    """Each run that OUTPUT/runs.json recorded. A finished run's folder keeps its metrics but not how long it
+def recorded_runs(study: dict) -> dict[tuple[str, int], RunResult]:
+    """Each run that a `recorded_study` holds. A finished run's folder keeps its metrics but not how long it
     took; and a study continued from a committed runs.json (the run folders are not committed) has no folders."""
-    return {(run["row"], run["seed"]): RunResult(**run) for run in recorded_study(output).get("runs", [])}
+    return {(run["row"], run["seed"]): RunResult(**run) for run in study.get("runs", [])}
 
 
 def finished_or_recorded(row: str, seed: int, metrics: dict | None,
@@ -419,11 +419,11 @@ def summarise_studies(folders: Sequence[Path]) -> str:
 
 
 def report_finished(output: Path, settings: dict, rows: list[str], seeds: list[int], jobs: int,
-                    echo: Callable[[str], None]) -> int:
+                    echo: Callable[[str], None], study: dict) -> int:
     """--report: the results of the runs of `rows` x `seeds` finished in `output`, without touching a run
     (one still training is left as it is)."""
     folders = Launcher(output, threads=1)
-    recorded = recorded_runs(output)
+    recorded = recorded_runs(study)
     results, unfinished = [], []
     for row in rows:
         for seed in seeds:
@@ -433,7 +433,7 @@ def report_finished(output: Path, settings: dict, rows: list[str], seeds: list[i
             else:
                 results.append(result)
     teacher = finished_metrics(folders.folder("teacher"))
-    teacher_top1 = teacher["eval_top1"] if teacher else recorded_study(output).get("teacher_top1")
+    teacher_top1 = teacher["eval_top1"] if teacher else study.get("teacher_top1")
     echo(write_results(output, settings, results, rows, teacher_top1, jobs))
     echo(f"{len(results)} of {len(rows) * len(seeds)} runs finished" +
          (f"; not finished: {', '.join(unfinished)}" if unfinished else ""))
@@ -506,20 +506,21 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
     settings = study_settings(args)
     settings_file = output / "study.json"
     # A study continued from a committed runs.json has no study.json: the settings recorded with the runs count.
-    kept = json.loads(settings_file.read_text()) if settings_file.exists() else recorded_study(output).get("settings")
+    study = recorded_study(output)
+    kept = json.loads(settings_file.read_text()) if settings_file.exists() else study.get("settings")
     if kept is not None and kept != settings:
         parser.error(f"{output} holds a study with other settings ({kept}); choose another --output")
     jobs = max(1, args.jobs)
     if args.report:
         if kept is None:
             parser.error(f"--report: {output} holds no study (no {settings_file.name} or runs.json)")
-        return report_finished(output, settings, rows, seeds, jobs, echo)
+        return report_finished(output, settings, rows, seeds, jobs, echo, study)
     write_report(settings_file, json.dumps(settings, indent=1) + "\n")
     train = Launcher(output, args.threads or max(1, (os.cpu_count() or 1) // jobs))
 
     results: list[RunResult] = []
-    recorded = recorded_runs(output)
-    recorded_teacher_top1 = recorded_study(output).get("teacher_top1")
+    recorded = recorded_runs(study)
+    recorded_teacher_top1 = study.get("teacher_top1")
     pending = []
     for row in sorted(rows, key=LONGEST_FIRST.index):
         for seed in seeds:
