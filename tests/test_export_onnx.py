@@ -34,7 +34,7 @@ from pat_hf.export.onnx import (
     read_preprocessing,
 )
 from pat_hf.export.student import export_student
-from pat_hf.training.memory_format import safetensors_ready
+from pat_hf.models.safetensors_state import safetensors_ready
 from tests.tiny_models import IMAGE_SIZE, TINY_MODELS, tiny_model
 
 DATA_CONFIG = {"input_size": (3, IMAGE_SIZE, IMAGE_SIZE), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),

@@ -484,3 +484,21 @@ def test_reference_check_replays_a_fitnet_fixture(tmp_path, capsys):
     write_fixture(fixture, "fitnet", VIT_4X4, MODELS["resnet"], state, args, record)
     assert check([str(fixture)]) == 0, capsys.readouterr().out
     assert "grad_norm_extra.projector" in capsys.readouterr().out
+
+
+def test_cli_converts_a_student_holding_one_module_under_two_names(tmp_path):
+    # CoaT reuses each convolutional position encoding under two names; torch.load keeps the sharing, and
+    # safetensors refuses shared tensors ("Some tensors share memory").
+    student = create_model("coat_tiny", NUM_CLASSES, {"img_size": 32})
+    assert student.serial_blocks1[0].cpe is student.cpe1
+    checkpoint = tmp_path / "last.pth.tar"
+    save_reference_checkpoint(checkpoint, student, model("resnet", 1), {})
+    convert([str(checkpoint), "--distiller", "kd", "--model", "coat_tiny", "--model-kwargs", '{"img_size": 32}',
+             "--num-classes", str(NUM_CLASSES), "--output", str(tmp_path / "out")])
+    loaded = create_model("coat_tiny", NUM_CLASSES, {"img_size": 32})
+    loaded.load_state_dict(load_file(str(tmp_path / "out" / "student.safetensors")), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), student.eval()(images))
+    assert set(load_file(str(tmp_path / "out" / "distiller.safetensors"))) == {
+        f"student.{k}" for k in student.state_dict()}

@@ -17,6 +17,7 @@ from torch import nn
 
 from pat_hf.export.card import ModelCardInfo, model_card
 from pat_hf.export.curves import TRAINING_CURVES_FILE, write_training_curves
+from pat_hf.models.safetensors_state import safetensors_ready
 from pat_hf.training.atomic import (
     cleaned_up_on_failure,
     partial_path,
@@ -25,7 +26,6 @@ from pat_hf.training.atomic import (
     write_text_atomically,
 )
 from pat_hf.training.checkpoints import latest_complete_checkpoint
-from pat_hf.training.memory_format import safetensors_ready
 from pat_hf.training.nonfinite import check_finite_state
 
 

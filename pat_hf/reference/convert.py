@@ -28,6 +28,7 @@ from pat_hf.cli.failures import run_command
 from pat_hf.config.checks import OneLineArgumentParser, json_object
 from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_distiller_class
 from pat_hf.models.factory import create_model, read_state_dict, remap_legacy_keys
+from pat_hf.models.safetensors_state import safetensors_ready
 from pat_hf.modules.grid_aligner import grids_are_multiples
 
 CONVERT_PROG = "python -m pat_hf.reference"
@@ -268,9 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     whole = read_state_dict(args.checkpoint, use_ema=True)
     state = convert_reference_checkpoint(whole, args.distiller, student, teacher, (3, args.img_size, args.img_size))
     args.output.mkdir(parents=True, exist_ok=True)
-    save_file({k.removeprefix("student."): v.contiguous() for k, v in state.items() if k.startswith("student.")},
+    save_file(safetensors_ready({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}),
               str(args.output / "student.safetensors"))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(args.output / "distiller.safetensors"))
+    save_file(safetensors_ready(state), str(args.output / "distiller.safetensors"))
     print(f"wrote {args.output / 'student.safetensors'} and {args.output / 'distiller.safetensors'}")
     if args.distiller == "crd" and "contrast.params" in whole:
         # The converted state keeps the memory's Z; K, T and the momentum are training flags.

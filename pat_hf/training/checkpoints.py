@@ -38,6 +38,7 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from pat_hf.models.safetensors_state import safetensors_ready
 from pat_hf.training.atomic import (
     partial_path,
     publish_folder,
@@ -241,7 +242,7 @@ def remove_folder_marker_first(folder: str | os.PathLike, ignore_errors: bool = 
 def save_process_state(folder: str | os.PathLike, rank: int, state: dict[str, torch.Tensor]) -> None:
     """A distiller's per-process state (PAT's feedback), one file per process; nothing when there is none."""
     if state:
-        save_file({k: v.contiguous().cpu() for k, v in state.items()},
+        save_file(safetensors_ready({k: v.cpu() for k, v in state.items()}),
                   os.path.join(folder, PROCESS_STATE_FILE.format(rank=rank)))
 
 

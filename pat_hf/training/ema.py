@@ -14,9 +14,9 @@ from torch import nn
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import EvalLoopOutput
 
+from pat_hf.models.safetensors_state import safetensors_ready
 from pat_hf.training.attributes import temporarily
 from pat_hf.training.checkpoints import CheckpointStateCallback
-from pat_hf.training.memory_format import safetensors_ready
 
 logger = logging.getLogger(__name__)
 

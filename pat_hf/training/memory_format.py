@@ -1,5 +1,5 @@
-"""--channels-last in one place: models and training/evaluation images in channels-last memory; and what every
-safetensors writer of pat-hf saves: contiguous tensors, none sharing memory with another (safetensors refuses both)."""
+"""--channels-last in one place: models and training/evaluation images in channels-last memory, and saved state
+back in the contiguous memory safetensors needs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from pat_hf.models.safetensors_state import safetensors_ready
 
 
 @dataclass(frozen=True)
@@ -28,17 +30,3 @@ class MemoryFormat:
     def for_export(self, module: nn.Module) -> nn.Module:
         """The module back in contiguous memory (in place), for writers that take a module."""
         return module.to(memory_format=torch.contiguous_format) if self.channels_last else module
-
-
-def safetensors_ready(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` as safetensors stores it: each tensor contiguous (a copy where it is not, e.g. channels-last) and
-    in memory of its own. A timm model may hold one module under two names (CoaT's convolutional position
-    encodings): each later name gets a copy, so that every name keeps its entry and any loader, timm's strict
-    one included, finds them all; loading sets the shared module twice to the same values."""
-    ready, seen = {}, set()
-    for name, tensor in state.items():
-        storage = (tensor.device, tensor.untyped_storage().data_ptr()) if tensor.numel() else None
-        shared = storage is not None and storage in seen
-        seen.add(storage)
-        ready[name] = tensor.contiguous().clone() if shared else tensor.contiguous()
-    return ready
