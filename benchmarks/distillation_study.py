@@ -235,16 +235,19 @@ def study_settings(args: argparse.Namespace) -> dict:
 
 class Progress:
     """One line per finished run, with the time so far and an estimate of the rest (the mean minutes of the
-    row's finished runs, else of all finished runs, over the runs left, shared by the side-by-side jobs)."""
+    row's finished runs, else of all finished runs, over the runs left, shared by the side-by-side jobs). The
+    runs a continued study keeps count among the finished ones."""
 
-    def __init__(self, pending: list[tuple[str, int]], done: int, total: int, jobs: int,
+    def __init__(self, pending: list[tuple[str, int]], recorded: list[RunResult], total: int, jobs: int,
                  echo: Callable[[str], None]) -> None:
         self.pending = list(pending)
-        self.done = done
+        self.done = len(recorded)
         self.total = total
         self.jobs = jobs
         self.echo = echo
         self.minutes: dict[str, list[float]] = {}
+        for result in recorded:
+            self.record_minutes(result)
         self.start = time.perf_counter()
 
     def expected_minutes(self, row: str) -> float | None:
@@ -252,11 +255,14 @@ class Progress:
         own = self.minutes.get(row)
         return statistics.fmean(own) if own else statistics.fmean(everything) if everything else None
 
+    def record_minutes(self, result: RunResult) -> None:
+        if result.minutes is not None and result.error is None:
+            self.minutes.setdefault(result.row, []).append(result.minutes)
+
     def finished(self, result: RunResult) -> None:
         self.done += 1
         self.pending.remove((result.row, result.seed))
-        if result.minutes is not None and result.error is None:
-            self.minutes.setdefault(result.row, []).append(result.minutes)
+        self.record_minutes(result)
         outcome = f"FAILED ({result.error})" if result.error else f"top-1 {result.top1:.2f}"
         elapsed = (time.perf_counter() - self.start) / 60
         estimates = [self.expected_minutes(row) for row, _ in self.pending]
@@ -553,7 +559,7 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
     weights = str(train.folder("teacher") / TEACHER_WEIGHTS)
 
     shared = student_flags(args)
-    progress = Progress(pending, len(results), total, min(jobs, max(1, len(pending))), echo)
+    progress = Progress(pending, results, total, min(jobs, max(1, len(pending))), echo)
 
     def run_one(row: str, seed: int) -> RunResult:
         teacher_flags = [] if row == BASELINE else ["--teacher-pretrained", weights]

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import distillation_study
 from benchmarks.distillation_study import (
+    Progress,
     RunResult,
     main,
     paired_interval,
@@ -161,6 +162,17 @@ def test_failed_runs_are_one_line_each_and_the_study_goes_on(tmp_path):
                                 rf"log: {re.escape(str(log))}\) \(\d+\.\d min\) elapsed .*", line) for line in lines)
     assert lines[-1] == "2 of 2 runs failed: alone seed 1, alone seed 2"
     assert "Failed runs (2): alone seed 1 (exit status 2" in (tmp_path / "results.md").read_text()
+
+
+def test_the_estimate_of_a_continued_study_counts_its_recorded_runs_minutes():
+    lines = []
+    recorded = [RunResult("alone", 1, top1=90.0, minutes=10.0), RunResult("kd", 1, top1=91.0, minutes=12.0),
+                RunResult("pat", 1, error="diverged", minutes=1.0)]
+    progress = Progress([("kd", 2), ("dkd", 1), ("dkd", 2)], recorded, total=6, jobs=2, echo=lines.append)
+    progress.finished(RunResult("kd", 2, top1=92.0, minutes=14.0))
+    # dkd has no run yet: each of its two runs is expected to take the mean of all finished runs, (10+12+14)/3,
+    # shared by two jobs; the failed run's minute is no estimate.
+    assert re.fullmatch(r"\[4/6\] kd seed 2: top-1 92\.00 \(14\.0 min\) elapsed \d+\.\d min, ~12 min left", lines[0])
 
 
 def test_summarise_gathers_studies_by_budget(tmp_path):
