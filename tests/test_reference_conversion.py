@@ -502,3 +502,29 @@ def test_cli_converts_a_student_holding_one_module_under_two_names(tmp_path):
         torch.testing.assert_close(loaded.eval()(images), student.eval()(images))
     assert set(load_file(str(tmp_path / "out" / "distiller.safetensors"))) == {
         f"student.{k}" for k in student.state_dict()}
+
+
+def test_cli_writes_both_files_or_neither(tmp_path, monkeypatch):
+    student, teacher = model("resnet", 0), model("vit4", 1)
+    checkpoint = tmp_path / "last.pth.tar"
+    save_reference_checkpoint(checkpoint, student, teacher, {})
+    output = tmp_path / "out"
+    flags = [str(checkpoint), "--distiller", "kd", "--model", "test_resnet", "--num-classes", str(NUM_CLASSES),
+             "--output", str(output)]
+    convert(flags)
+    earlier = {name: (output / name).read_bytes() for name in ("student.safetensors", "distiller.safetensors")}
+
+    written = []
+
+    def full_disk_on_second_file(state, path):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        save_file(state, path)
+
+    monkeypatch.setattr("pat_hf.reference.convert.save_file", full_disk_on_second_file)
+    save_reference_checkpoint(checkpoint, model("resnet", 5), teacher, {})
+    with pytest.raises(OSError, match="No space left"):
+        convert(flags)
+    assert written == [str(output / "student.safetensors.partial")]
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == earlier

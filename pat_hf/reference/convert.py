@@ -14,6 +14,7 @@ HobbitLong/RepDistiller `crd/memory.py`; FitNet from PAT's rewritten `distillers
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -245,6 +246,22 @@ def convert_reference_checkpoint(whole: Mapping[str, torch.Tensor], distiller: s
     return converted
 
 
+def write_together(files: dict[Path, dict[str, torch.Tensor]]) -> None:
+    """Write each state to its safetensors file, all or none: every file is written under a `.partial` name
+    first and renamed once all are written, so that a failed write (a full disk) leaves no half-written file and
+    no student without its distiller, and the files of an earlier conversion in the folder stay as they were."""
+    partials = {path: path.with_name(path.name + ".partial") for path in files}
+    try:
+        for path, state in files.items():
+            save_file(state, str(partials[path]))
+    except BaseException:
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
+        raise
+    for path, partial in partials.items():
+        os.replace(partial, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """python -m pat_hf.reference.convert CHECKPOINT --distiller NAME --model NAME --num-classes N --output DIR"""
     parser = OneLineArgumentParser(
@@ -269,9 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     whole = read_state_dict(args.checkpoint, use_ema=True)
     state = convert_reference_checkpoint(whole, args.distiller, student, teacher, (3, args.img_size, args.img_size))
     args.output.mkdir(parents=True, exist_ok=True)
-    save_file(safetensors_ready({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}),
-              str(args.output / "student.safetensors"))
-    save_file(safetensors_ready(state), str(args.output / "distiller.safetensors"))
+    ready = safetensors_ready(state)
+    write_together({
+        args.output / "student.safetensors": {k.removeprefix("student."): v for k, v in ready.items()
+                                              if k.startswith("student.")},
+        args.output / "distiller.safetensors": ready,
+    })
     print(f"wrote {args.output / 'student.safetensors'} and {args.output / 'distiller.safetensors'}")
     if args.distiller == "crd" and "contrast.params" in whole:
         # The converted state keeps the memory's Z; K, T and the momentum are training flags.
