@@ -14,6 +14,7 @@ HobbitLong/RepDistiller `crd/memory.py`; FitNet from PAT's rewritten `distillers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from pat_hf.distillers import DistillArguments, DistillContext, Distiller, get_d
 from pat_hf.models.factory import create_model, read_state_dict, remap_legacy_keys
 from pat_hf.models.safetensors_state import safetensors_ready
 from pat_hf.modules.grid_aligner import grids_are_multiples
+from pat_hf.training.atomic import cleaned_up_on_failure, fsync_file, fsync_folder, partial_path
 
 CONVERT_PROG = "python -m pat_hf.reference"
 
@@ -247,19 +249,19 @@ def convert_reference_checkpoint(whole: Mapping[str, torch.Tensor], distiller: s
 
 
 def write_together(files: dict[Path, dict[str, torch.Tensor]]) -> None:
-    """Write each state to its safetensors file, all or none: every file is written under a `.partial` name
-    first and renamed once all are written, so that a failed write (a full disk) leaves no half-written file and
-    no student without its distiller, and the files of an earlier conversion in the folder stay as they were."""
-    partials = {path: path.with_name(path.name + ".partial") for path in files}
-    try:
+    """Write each state to its safetensors file, all or none (training/atomic.py's partial names, fsync and
+    rename): every file is written and flushed under its `.partial` name before any is renamed, so that a failed
+    write (a full disk) leaves no half-written file and no student without its distiller, and the files of an
+    earlier conversion in the folder stay as they were."""
+    partials = {path: partial_path(path) for path in files}
+    with contextlib.ExitStack() as cleanup:
         for path, state in files.items():
+            cleanup.enter_context(cleaned_up_on_failure(partials[path]))
             save_file(state, str(partials[path]))
-    except BaseException:
-        for partial in partials.values():
-            partial.unlink(missing_ok=True)
-        raise
+            fsync_file(partials[path])
     for path, partial in partials.items():
         os.replace(partial, path)
+    fsync_folder(next(iter(files)).parent)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,12 +60,17 @@ def fsync_folder(folder: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's content to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_tree(folder: str | os.PathLike) -> None:
     """Flush every file below `folder`, and the folders themselves, to the disk."""
     for root, _, files in os.walk(folder):
         for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(os.path.join(root, name))
         fsync_folder(root)
 
 
